@@ -29,7 +29,7 @@ class MalformedEvent(ValueError):
     """Raised with a human-readable reason; the stream sends the raw bytes and this reason to dead letters."""
 
 
-class EngagementKind(str, enum.Enum):
+class EngagementKind(enum.StrEnum):
     ENTER = "enter"
     WATCH = "watch"  # carries watch_seconds
     LIKE = "like"
@@ -38,7 +38,7 @@ class EngagementKind(str, enum.Enum):
     GIFT = "gift"  # carries gift_value
 
 
-class LiveAction(str, enum.Enum):
+class LiveAction(enum.StrEnum):
     START = "start"
     END = "end"
 
