@@ -198,22 +198,22 @@ _PRESETS: dict[Arch, dict[Size, dict[str, Any]]] = {
     Arch.RANKMIXER: {
         Size.S: dict(d_model=48, n_layers=2, ffn_mult=2),
         Size.M: dict(d_model=96, n_layers=2, ffn_mult=2),
-        Size.L: dict(d_model=144, n_layers=3, ffn_mult=2),
+        Size.L: dict(d_model=132, n_layers=3, ffn_mult=2),
     },
-    Arch.TRANSFORMER: {
-        Size.S: dict(d_model=96, n_layers=2, n_heads=4, ffn_mult=2),
-        Size.M: dict(d_model=192, n_layers=2, n_heads=4, ffn_mult=2),
-        Size.L: dict(d_model=288, n_layers=3, n_heads=6, ffn_mult=2),
+    Arch.TRANSFORMER: {  # shared weights: fewer params for the same width, more FLOPs per param
+        Size.S: dict(d_model=64, n_layers=2, n_heads=4, ffn_mult=2),
+        Size.M: dict(d_model=128, n_layers=2, n_heads=4, ffn_mult=2),
+        Size.L: dict(d_model=192, n_layers=3, n_heads=6, ffn_mult=2),
     },
     Arch.ZENITH: {
-        Size.S: dict(d_model=48, n_layers=2, ffn_mult=2),
-        Size.M: dict(d_model=96, n_layers=2, ffn_mult=2),
-        Size.L: dict(d_model=144, n_layers=3, ffn_mult=2),
+        Size.S: dict(d_model=40, n_layers=2, ffn_mult=2),
+        Size.M: dict(d_model=80, n_layers=2, ffn_mult=2),
+        Size.L: dict(d_model=128, n_layers=3, ffn_mult=2),
     },
     Arch.ZENITH_PP: {
-        Size.S: dict(d_model=32, n_layers=2, n_heads=4, n_experts=4, top_k=2, ffn_mult=1),
-        Size.M: dict(d_model=64, n_layers=2, n_heads=4, n_experts=4, top_k=2, ffn_mult=1),
-        Size.L: dict(d_model=96, n_layers=3, n_heads=4, n_experts=4, top_k=2, ffn_mult=1),
+        Size.S: dict(d_model=24, n_layers=2, n_heads=4, n_experts=4, top_k=2, ffn_mult=1),
+        Size.M: dict(d_model=48, n_layers=2, n_heads=4, n_experts=4, top_k=2, ffn_mult=1),
+        Size.L: dict(d_model=72, n_layers=3, n_heads=4, n_experts=4, top_k=2, ffn_mult=1),
     },
 }
 

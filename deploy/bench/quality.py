@@ -1,0 +1,192 @@
+"""``zenith bench quality``: models x sizes on one time-ordered stream, test-then-train.
+
+Every row sees the same samples in the same order and starts from the same seed. Per row: dense and
+embedding parameters, forward FLOPs per sample (measured with FlopCounterMode), prequential AUC / UAUC /
+logloss of the main task (overall and trailing window), training samples/s, and the average pairwise
+cosine similarity between tokens after each layer (the Zenith paper's heterogeneity diagnostic; layer 0
+is the tokenizer's output). ``--plot`` draws logloss against parameters and against FLOPs (the scaling
+curves); ``--json`` writes every number, per task, with the learning curves.
+
+Data: ``--source sim`` (default) and ``--data PATH.csv`` (KuaiRand) go through ``deploy.datasets``, which
+turns the stream into samples with the stream's own feature code; ``--source synthetic`` uses the
+in-process planted-signal generator (``model.synthetic``) and needs nothing else running.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+QUICK = dict(n=20_000, sizes="S,M,L", batch_size=256, window=5_000)
+FULL = dict(n=60_000, sizes="S,M,L", batch_size=256, window=10_000)
+
+
+def load_stream(source: str, n: int, seed: int):
+    """(spec, SampleArrays, description) for ``source``: "sim", "synthetic" or a KuaiRand CSV path."""
+    from model.spec import default_live_spec
+
+    spec = default_live_spec()
+    if source == "synthetic":
+        from model.synthetic import make_synthetic
+
+        return spec, make_synthetic(spec, n, seed=seed).arrays, "synthetic (model.synthetic, planted signal)"
+    try:
+        from deploy import datasets
+    except ModuleNotFoundError as exc:
+        if exc.name != "deploy.datasets":
+            raise
+        if source != "sim":
+            raise typer.BadParameter("deploy.datasets is not available, so a CSV cannot be replayed yet; "
+                                     "use --source synthetic") from exc
+        typer.secho("deploy.datasets is not available yet: falling back to --source synthetic", fg="yellow",
+                    err=True)
+        return load_stream("synthetic", n, seed)
+    spec = getattr(datasets, "spec_for", lambda _s: spec)(source)
+    arrays = datasets.load_samples(source, n, seed)
+    arrays.check(spec)
+    return spec, arrays, f"{source} via deploy.datasets"
+
+
+def run_quality(archs: list[str], sizes: list[str], source: str, n: int, seed: int, batch_size: int,
+                window: int, device: str, progress: bool = True) -> dict[str, Any]:
+    import torch
+
+    from model.batch import Batch
+    from model.config import Arch, Size, preset
+    from model.factory import build_model, count_params, flops_per_sample
+    from model.learner import OnlineLearner, run_prequential
+
+    spec, arrays, described = load_stream(source, n, seed)
+    dev = torch.device(device)
+    probe = Batch.from_arrays(arrays[-min(len(arrays), 2048):], dev)  # for the token diagnostic, after training
+    rows: list[dict[str, Any]] = []
+    for arch in archs:
+        for size in sizes:
+            cfg = preset(Arch(arch), Size(size), spec, seed=seed)
+            model = build_model(spec, cfg, dev)
+            params = count_params(model)
+            flops = flops_per_sample(model, spec)
+            t0 = time.perf_counter()
+            report = run_prequential(OnlineLearner(model, spec, cfg, dev), arrays, batch_size=batch_size,
+                                     window=window)
+            main = report.main()
+            row = {
+                "arch": arch, "size": size, "dense_params": params.dense, "embedding_params": params.sparse,
+                "flops_per_sample": flops, "auc": main["auc"], "uauc": main["uauc"], "logloss": main["logloss"],
+                "window_auc": main["window_auc"], "window_uauc": main["window_uauc"],
+                "window_logloss": main["window_logloss"], "samples_per_s": report.samples_per_s,
+                "token_cosine": model.token_similarity(probe), "mean_aux_loss": report.mean_aux_loss,
+                "tasks": report.tasks, "curve": report.curve, "config": cfg.to_dict(),
+            }
+            rows.append(row)
+            if progress:
+                typer.echo(f"  {arch:<11} {size}  logloss {row['logloss']:.4f}  auc {row['auc']:.4f}  "
+                           f"({time.perf_counter() - t0:.0f}s)", err=True)
+    return {
+        "bench": "quality", "source": described, "samples": len(arrays), "seed": seed, "batch_size": batch_size,
+        "window": window, "device": str(dev), "main_task": spec.tasks[0].name,
+        "positive_rate": float(arrays.labels[:, 0].mean()), "torch_threads": torch.get_num_threads(), "rows": rows,
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"prequential quality, task '{result['main_task']}' on {result['source']}: "
+                    f"{result['samples']} samples, batch {result['batch_size']}, window {result['window']}, "
+                    f"seed {result['seed']}, {result['device']}")
+    for col in ("model", "size", "dense params", "emb params", "FLOPs/sample", "AUC", "UAUC", "logloss",
+                "win AUC", "win logloss", "samples/s", "token cos by layer (0=input)"):
+        t.add_column(col, justify="left" if col in ("model", "size") or col.startswith("token") else "right")
+    best = min(r["logloss"] for r in result["rows"])
+    for r in result["rows"]:
+        ll = f"{r['logloss']:.4f}"
+        t.add_row(r["arch"], r["size"], _si(r["dense_params"]), _si(r["embedding_params"]),
+                  _si(r["flops_per_sample"]), f"{r['auc']:.4f}", f"{r['uauc']:.4f}",
+                  f"[bold]{ll}[/bold]" if r["logloss"] == best else ll, f"{r['window_auc']:.4f}",
+                  f"{r['window_logloss']:.4f}", f"{r['samples_per_s']:.0f}",
+                  " ".join(f"{c:.2f}" for c in r["token_cosine"]))
+    Console(width=200).print(t)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    archs = list(dict.fromkeys(r["arch"] for r in result["rows"]))
+    for arch in archs:
+        rows = sorted((r for r in result["rows"] if r["arch"] == arch), key=lambda r: r["dense_params"])
+        for ax, key in zip(axes, ("dense_params", "flops_per_sample"), strict=True):
+            ax.plot([r[key] for r in rows], [r["logloss"] for r in rows], marker="o", label=arch)
+            for r in rows:
+                ax.annotate(r["size"], (r[key], r["logloss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for ax, label in zip(axes, ("dense parameters", "forward FLOPs per sample"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel(f"prequential logloss ({result['main_task']})")
+    axes[0].legend()
+    fig.suptitle(f"Scaling on {result['source']} ({result['samples']} samples)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _si(x: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def register(bench: typer.Typer) -> None:
+    @bench.command("quality")
+    def quality(
+        quick: bool = typer.Option(False, "--quick", help=f"small run for 2 CPU cores: {QUICK}"),
+        source: str = typer.Option("sim", "--source", help="sim (live simulator) | synthetic (in-process)"),
+        data: Path | None = typer.Option(None, "--data", help="KuaiRand CSV to replay instead of --source"),
+        n: int | None = typer.Option(None, "--n", help="impressions in the stream (default 60k, quick 20k)"),
+        models: str = typer.Option("dlrm,dcnv2,rankmixer,transformer,zenith,zenith++", "--models",
+                                   help="comma-separated architectures"),
+        sizes: str | None = typer.Option(None, "--sizes", help="comma-separated sizes among S,M,L"),
+        batch_size: int | None = typer.Option(None, "--batch-size"),
+        window: int | None = typer.Option(None, "--window", help="trailing window for windowed metrics"),
+        seed: int = typer.Option(0, "--seed"),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+        threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
+        json_path: Path | None = typer.Option(None, "--json", help="write all numbers here"),
+        plot_path: Path | None = typer.Option(None, "--plot", help="write the scaling plot (PNG) here"),
+    ) -> None:
+        """Prequential quality of every model and size on one stream; the Zenith scaling comparison."""
+        import torch
+
+        from model.config import Arch
+
+        torch.set_num_threads(threads)
+        preset_ = QUICK if quick else FULL
+        arch_list = [a.strip() for a in models.split(",") if a.strip()]
+        size_list = [s.strip() for s in (sizes or str(preset_["sizes"])).split(",") if s.strip()]
+        for a in arch_list:
+            if a not in {x.value for x in Arch}:
+                raise typer.BadParameter(f"unknown model {a!r}; choose from {[x.value for x in Arch]}")
+        for s in size_list:
+            if s not in {"S", "M", "L"}:
+                raise typer.BadParameter(f"unknown size {s!r}; choose from S, M, L")
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        result = run_quality(arch_list, size_list, str(data) if data else source, n or int(preset_["n"]), seed,
+                             batch_size or int(preset_["batch_size"]), window or int(preset_["window"]), dev)
+        print_table(result)
+        if json_path:
+            json_path.write_text(json.dumps(result, indent=1))
+            typer.echo(f"wrote {json_path}")
+        if plot_path:
+            plot(result, plot_path)
+            typer.echo(f"wrote {plot_path}")
