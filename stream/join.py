@@ -1,22 +1,30 @@
-"""The delayed-label join, as pure logic over one user's pending impressions.
+"""The delayed-label join, as pure logic over one user's join state.
 
-An impression opens an attribution window; engagements of the same user in the same room inside the
-window are credited to the latest such impression; when stream time passes the window's end (plus an
-allowed lateness for cross-topic skew) the impression closes and yields exactly one sample, negative
-when nothing came. Engagements for a closed impression are *late*, for none at all *unmatched*.
+An impression opens an attribution window of ``window_ms``. An engagement of the same user in the same
+room belongs to the *latest* impression of that room shown at or before it, if that impression's window
+still covers it. Labels are computed when the window closes, i.e. when stream time (the minimum over
+input partitions, see ``processor.Watermark``) passes the window's end plus ``lateness_ms``; by then every
+impression and engagement that could matter has been read, so the result does not depend on the order in
+which the impression and engagement topics happened to be consumed.
 
-The Faust app stores a ``UserJoinState`` per user in a changelog-backed table; this module knows
-nothing about Faust, so it is tested directly.
+Engagements are held in the join state until no open window can claim them. One that arrives for an
+already-closed window is *late* (counted, not silently lost); one no impression ever claimed is
+*unmatched*.
+
+The Faust app stores a ``UserJoinState`` per user in a changelog-backed table; this module knows nothing
+about Faust, so it is tested directly.
 
 >>> j = LabelJoiner(window_ms=60_000, lateness_ms=0)
 >>> st = UserJoinState()
 >>> j.add_impression(st, PendingImpression("i1", "r1", "a1", "c1", 1_000, 20, "ios", "live", 0))
 True
->>> j.attribute(st, room="r1", kind="enter", ts_ms=5_000, value=0.0)
-<Attribution.CREDITED: 'credited'>
->>> [p.impression_id for p in j.close_due(st, watermark_ms=61_000)], st.pending
-(['i1'], [])
->>> j.attribute(st, room="r1", kind="watch", ts_ms=62_000, value=40.0)
+>>> j.add_engagement(st, HeldEngagement("e1", "r1", "enter", 5_000, 0.0))
+<Attribution.HELD: 'held'>
+>>> [(p.impression_id, labels.entered) for p, labels in j.due(st, watermark_ms=61_000)]
+[('i1', True)]
+>>> j.close(st, {"i1"}, watermark_ms=61_000)
+0
+>>> j.add_engagement(st, HeldEngagement("w1", "r1", "watch", 58_000, 40.0))
 <Attribution.LATE: 'late'>
 """
 
@@ -29,13 +37,14 @@ import orjson
 
 from stream.samples import Labels
 
-CLOSED_MEMORY = 64  # closed impressions remembered per user, to tell late engagements and replays apart
+CLOSED_MEMORY = 64  # closed impressions remembered per user: to spot late engagements and replays
 
 
 class Attribution(enum.StrEnum):
-    CREDITED = "credited"
-    LATE = "late"  # its impression's window already closed
-    UNMATCHED = "unmatched"  # no impression of this room for this user in memory
+    HELD = "held"  # kept until the windows that may claim it close
+    LATE = "late"  # its impression's window had already closed
+    DUPLICATE = "duplicate"  # the same engagement id again (a replay)
+    UNMATCHED = "unmatched"  # expired without any impression claiming it
 
 
 @dataclass
@@ -49,34 +58,43 @@ class PendingImpression:
     device: str
     tab: str
     position: int
-    labels: Labels = field(default_factory=Labels)
 
 
 @dataclass
 class ClosedImpression:
     impression_id: str
     room: str
-    deadline_ms: int
+    ts_ms: int
+
+
+@dataclass
+class HeldEngagement:
+    event_id: str
+    room: str
+    kind: str
+    ts_ms: int
+    value: float  # watch seconds or gift value
 
 
 @dataclass
 class UserJoinState:
     pending: list[PendingImpression] = field(default_factory=list)
     closed: list[ClosedImpression] = field(default_factory=list)
+    held: list[HeldEngagement] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        return orjson.dumps({"p": self.pending, "c": self.closed})  # orjson serializes dataclasses natively
+        return orjson.dumps({"p": self.pending, "c": self.closed, "h": self.held})  # orjson does dataclasses
 
     @staticmethod
     def decode(raw: bytes | None) -> UserJoinState:
         if not raw:
             return UserJoinState()
         obj = orjson.loads(raw)
-        pending = [PendingImpression(**{**p, "labels": Labels(**p["labels"])}) for p in obj["p"]]
-        return UserJoinState(pending, [ClosedImpression(**c) for c in obj["c"]])
+        return UserJoinState([PendingImpression(**p) for p in obj["p"]], [ClosedImpression(**c) for c in obj["c"]],
+                             [HeldEngagement(**h) for h in obj["h"]])
 
     def empty(self) -> bool:
-        return not self.pending and not self.closed
+        return not self.pending and not self.closed and not self.held
 
 
 @dataclass(frozen=True)
@@ -86,50 +104,74 @@ class LabelJoiner:
 
     def add_impression(self, st: UserJoinState, imp: PendingImpression) -> bool:
         """Open a window; False when this impression id is already pending or closed (a replay)."""
-        known = {p.impression_id for p in st.pending} | {c.impression_id for c in st.closed}
-        if imp.impression_id in known:
+        if any(p.impression_id == imp.impression_id for p in st.pending) or any(
+            c.impression_id == imp.impression_id for c in st.closed
+        ):
             return False
         st.pending.append(imp)
         return True
 
-    def attribute(self, st: UserJoinState, room: str, kind: str, ts_ms: int, value: float) -> Attribution:
-        """Credit an engagement to the latest impression of ``room`` shown at or before ``ts_ms``
-        whose window is still open at ``ts_ms``."""
-        candidates = [p for p in st.pending if p.room == room and p.ts_ms <= ts_ms <= p.ts_ms + self.window_ms]
-        if not candidates:
-            if any(c.room == room for c in st.closed):
-                return Attribution.LATE
-            return Attribution.UNMATCHED
-        labels = max(candidates, key=lambda p: p.ts_ms).labels
-        if kind == "enter":
-            labels.entered = True
-        elif kind == "watch":
-            labels.entered = True  # a watch implies the user was in the room
-            labels.watch_s += value
-        elif kind == "like":
-            labels.liked = True
-        elif kind == "comment":
-            labels.commented = True
-        elif kind == "follow":
-            labels.followed = True
-        elif kind == "gift":
-            labels.gifted, labels.gift_value = True, labels.gift_value + value
-        return Attribution.CREDITED
+    def add_engagement(self, st: UserJoinState, e: HeldEngagement) -> Attribution:
+        if any(h.event_id == e.event_id for h in st.held):
+            return Attribution.DUPLICATE
+        owner = self._owner(st, e)
+        if isinstance(owner, ClosedImpression):
+            return Attribution.LATE
+        st.held.append(e)
+        return Attribution.HELD
 
-    def close_due(self, st: UserJoinState, watermark_ms: int) -> list[PendingImpression]:
-        """Remove and return the impressions whose window (plus lateness) ended by ``watermark_ms``."""
-        due = [p for p in st.pending if p.ts_ms + self.window_ms + self.lateness_ms <= watermark_ms]
-        self.close(st, {p.impression_id for p in due})
-        return due
+    def due(self, st: UserJoinState, watermark_ms: int) -> list[tuple[PendingImpression, Labels]]:
+        """Impressions whose window (plus lateness) ended by ``watermark_ms``, with their labels.
+        Changes nothing: the caller closes them with ``close`` once their samples are safe."""
+        end = self.window_ms + self.lateness_ms
+        out = []
+        for p in st.pending:
+            if p.ts_ms + end <= watermark_ms:
+                labels = Labels()
+                for e in st.held:
+                    if self._owner(st, e) is p:
+                        _credit(labels, e)
+                out.append((p, labels))
+        return out
 
-    def close(self, st: UserJoinState, impression_ids: set[str]) -> None:
-        """Move these impressions from pending to the closed memory (ids not pending are ignored)."""
+    def close(self, st: UserJoinState, impression_ids: set[str], watermark_ms: int) -> int:
+        """Move impressions to the closed memory and drop engagements no open window can claim any more.
+        Returns the number of dropped engagements that no impression ever claimed (unmatched)."""
         closing = [p for p in st.pending if p.impression_id in impression_ids]
-        if closing:
-            st.pending = [p for p in st.pending if p.impression_id not in impression_ids]
-            st.closed.extend(ClosedImpression(p.impression_id, p.room, p.ts_ms + self.window_ms) for p in closing)
-            st.closed = st.closed[-CLOSED_MEMORY:]
+        st.pending = [p for p in st.pending if p.impression_id not in impression_ids]
+        st.closed.extend(ClosedImpression(p.impression_id, p.room, p.ts_ms) for p in closing)
+        st.closed = st.closed[-CLOSED_MEMORY:]
+        expired = [e for e in st.held if e.ts_ms + self.window_ms + self.lateness_ms <= watermark_ms]
+        # An engagement can only belong to an impression at most one window older; when stream time is
+        # a window (plus lateness) past it, every such impression has closed or never existed.
+        unmatched = sum(1 for e in expired if self._owner(st, e) is None)
+        st.held = [e for e in st.held if e not in expired]
+        horizon = 10 * self.window_ms
+        st.closed = [c for c in st.closed if c.ts_ms + horizon > watermark_ms]
+        return unmatched
 
-    def forget_closed(self, st: UserJoinState, watermark_ms: int, horizon_ms: int) -> None:
-        """Drop closed-impression memory older than ``horizon_ms`` so idle users' entries can be deleted."""
-        st.closed = [c for c in st.closed if c.deadline_ms + horizon_ms > watermark_ms]
+    def _owner(self, st: UserJoinState, e: HeldEngagement) -> PendingImpression | ClosedImpression | None:
+        """The latest impression of e's room at or before e, if its window covers e."""
+        best: PendingImpression | ClosedImpression | None = None
+        for imp in (*st.pending, *st.closed):
+            if imp.room == e.room and imp.ts_ms <= e.ts_ms and (best is None or imp.ts_ms > best.ts_ms):
+                best = imp
+        if best is not None and e.ts_ms <= best.ts_ms + self.window_ms:
+            return best
+        return None
+
+
+def _credit(labels: Labels, e: HeldEngagement) -> None:
+    if e.kind == "enter":
+        labels.entered = True
+    elif e.kind == "watch":
+        labels.entered = True  # a watch implies the user was in the room
+        labels.watch_s += e.value
+    elif e.kind == "like":
+        labels.liked = True
+    elif e.kind == "comment":
+        labels.commented = True
+    elif e.kind == "follow":
+        labels.followed = True
+    elif e.kind == "gift":
+        labels.gifted, labels.gift_value = True, labels.gift_value + e.value

@@ -32,12 +32,12 @@ async def build_samples(events: Iterable[Event], state: LiveState, spec: Feature
         batch.append(ev)
         if len(batch) >= batch_size:
             await proc.on_events(batch, table)
-            await close(proc.watermark_ms)
+            await close(batch[-1].ts_ms)  # events are time-ordered: the last one is stream time
             if on_batch:
                 on_batch(len(batch))
             batch = []
     if batch:
         await proc.on_events(batch, table)
-    await close(proc.watermark_ms + joiner.window_ms + joiner.lateness_ms)  # end of stream closes all
+    await close(2**62)  # end of stream closes every window
     decoded = proc.codec.decode(encoded)
     return decoded.arrays, decoded.impression_ids

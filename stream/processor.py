@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from model.spec import FeatureSpec
 from state.store import AsOf, LiveState, Write
 from stream import metrics
 from stream.events import EngagementKind, Event, Impression, LiveAction, LiveEvent
 from stream.features import Candidate, assemble
-from stream.join import LabelJoiner, PendingImpression, UserJoinState
-from stream.samples import SampleCodec
+from stream.join import Attribution, HeldEngagement, LabelJoiner, PendingImpression, UserJoinState
+from stream.samples import Labels, SampleCodec
 
 JoinTable = MutableMapping[str, bytes]
 """user id -> encoded ``UserJoinState``: a Faust table online, a dict offline."""
@@ -56,13 +56,65 @@ def state_write(state: LiveState, ev: Event) -> Write:
                                     ev.kind.value, ev.gift_value or 1.0)
 
 
+@dataclass
+class Due:
+    items: list[tuple[str, PendingImpression, Labels]] = field(default_factory=list)
+    tidy: set[str] = field(default_factory=set)
+
+
+class Watermark:
+    """Stream time: the minimum over input partitions of the newest event time each has delivered.
+
+    Taking the minimum (not the maximum) keeps a fast partition, e.g. impressions read ahead of their
+    engagements, from closing windows whose engagements are still unread. A partition that has delivered
+    nothing for ``idle_s`` while others did stops holding time back (an empty partition must not stall
+    the stream); when the whole input has been quiet for ``idle_s``, time follows the wall clock so a
+    quiet stream still closes its windows. ``idle_s`` = 0: pure event time.
+
+    >>> w = Watermark(idle_s=0)
+    >>> w.observe("impressions/0", 5_000, wall_s=0); w.observe("engagements/0", 2_000, wall_s=0)
+    >>> w.current(wall_s=0)
+    2000
+    """
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self._latest: dict[str, tuple[int, float]] = {}  # source -> (newest event ms, wall s when seen)
+
+    def expect(self, sources: list[str], wall_s: float) -> None:
+        """Newly assigned partitions hold time back until they deliver or turn out idle."""
+        for src in sources:
+            self._latest.setdefault(src, (0, wall_s))
+
+    def forget(self, sources: list[str]) -> None:
+        for src in sources:
+            self._latest.pop(src, None)
+
+    def observe(self, source: str, ts_ms: int, wall_s: float) -> None:
+        prev = self._latest.get(source, (0, 0.0))[0]
+        self._latest[source] = (max(prev, ts_ms), wall_s)
+
+    def current(self, wall_s: float) -> int:
+        seen = [(ts, w) for ts, w in self._latest.values() if ts > 0 or self.idle_s]
+        if not seen:
+            return 0
+        if not self.idle_s:
+            return min(ts for ts, _ in seen)
+        last_any = max(w for _, w in seen)
+        active = [ts for ts, w in seen if last_any - w <= self.idle_s]
+        base = min(active)
+        if not base:
+            return 0  # an assigned partition has not delivered yet
+        quiet_s = wall_s - last_any
+        return base + int(quiet_s * 1000) if quiet_s > self.idle_s else base
+
+
 class StreamProcessor:
     def __init__(self, state: LiveState, spec: FeatureSpec, joiner: LabelJoiner) -> None:
         self.state = state
         self.spec = spec
         self.joiner = joiner
         self.codec = SampleCodec(spec)
-        self.watermark_ms = 0
 
     async def apply_state(self, events: list[Event]) -> None:
         t0 = time.perf_counter()
@@ -71,8 +123,6 @@ class StreamProcessor:
         metrics.REPLAYED.inc(applied.count(False))
         for ev in events:
             metrics.EVENTS_IN.labels(ev.TYPE).inc()
-            self.watermark_ms = max(self.watermark_ms, ev.ts_ms)
-        metrics.WATERMARK.set(self.watermark_ms)
 
     async def on_events(self, events: list[Event], table: JoinTable) -> None:
         """State first (so engagements count even when unattributed), then the label join."""
@@ -90,51 +140,56 @@ class StreamProcessor:
                 ))
             else:
                 value = ev.watch_seconds if ev.kind is EngagementKind.WATCH else ev.gift_value
-                outcome = self.joiner.attribute(st, ev.room_id, ev.kind.value, ev.ts_ms, value)
-                metrics.ENGAGEMENTS.labels(outcome.value).inc()
+                held = HeldEngagement(ev.event_id, ev.room_id, ev.kind.value, ev.ts_ms, value)
+                metrics.ENGAGEMENTS.labels(self.joiner.add_engagement(st, held).value).inc()
         for user, st in touched.items():
             table[user] = st.encode()
 
-    def due(self, table: JoinTable, watermark_ms: int) -> list[tuple[str, PendingImpression]]:
-        """Impressions whose window (plus lateness) ended by ``watermark_ms``. Changes nothing."""
-        out: list[tuple[str, PendingImpression]] = []
+
+    def due(self, table: JoinTable, watermark_ms: int, limit: int | None = None) -> Due:
+        """What closing at ``watermark_ms`` involves: impressions with their labels, and users whose
+        state only needs tidying (expired engagements, old closed memory). Changes nothing."""
+        due = Due()
         pending = 0
-        end = self.joiner.window_ms + self.joiner.lateness_ms
+        stale_before = watermark_ms - self.joiner.window_ms - self.joiner.lateness_ms
         for user, raw in list(table.items()):
             st = UserJoinState.decode(raw)
             pending += len(st.pending)
-            out.extend((user, p) for p in st.pending if p.ts_ms + end <= watermark_ms)
-        metrics.PENDING.set(pending - len(out))
-        return out
+            if limit is None or len(due.items) < limit:
+                due.items.extend((user, p, labels) for p, labels in self.joiner.due(st, watermark_ms))
+            if any(e.ts_ms <= stale_before for e in st.held) or (not st.pending and not st.held):
+                due.tidy.add(user)
+        metrics.PENDING.set(pending - len(due.items))
+        return due
 
-    async def build_samples(self, due: list[tuple[str, PendingImpression]]) -> list[OutgoingSample]:
+    async def build_samples(self, due: Due) -> list[OutgoingSample]:
         """Read state as of each impression (one Redis round trip), assemble and encode its sample."""
-        if not due:
+        if not due.items:
             return []
         t0 = time.perf_counter()
-        snaps = await self.state.read([AsOf(u, p.room, p.author, p.ts_ms) for u, p in due])
+        snaps = await self.state.read([AsOf(u, p.room, p.author, p.ts_ms) for u, p, _ in due.items])
         metrics.REDIS_LATENCY.labels("read").observe(time.perf_counter() - t0)
         now_ms = int(time.time() * 1000)
         samples = []
-        for (user, p), snap in zip(due, snaps, strict=True):
+        for (user, p, labels), snap in zip(due.items, snaps, strict=True):
             row = assemble(self.spec, candidate_of(user, p), snap)
-            value = self.codec.encode(p.impression_id, row, p.labels, event_ms=p.ts_ms, emitted_ms=now_ms)
-            samples.append(OutgoingSample(user.encode(), value, p.impression_id, p.ts_ms, p.labels.entered))
+            value = self.codec.encode(p.impression_id, row, labels, event_ms=p.ts_ms, emitted_ms=now_ms)
+            samples.append(OutgoingSample(user.encode(), value, p.impression_id, p.ts_ms, labels.entered))
         return samples
 
-    def commit_closed(self, table: JoinTable, due: list[tuple[str, PendingImpression]], watermark_ms: int) -> None:
+    def commit_closed(self, table: JoinTable, due: Due, watermark_ms: int) -> None:
         """After the samples are acknowledged: mark their impressions closed in the join state.
 
         Re-reads each user's current state rather than writing back a copy taken before the awaits, so
         impressions and engagements the agent added meanwhile are kept.
         """
-        by_user: dict[str, set[str]] = {}
-        for user, p in due:
+        by_user: dict[str, set[str]] = {u: set() for u in due.tidy}
+        for user, p, _ in due.items:
             by_user.setdefault(user, set()).add(p.impression_id)
         for user, ids in by_user.items():
             st = UserJoinState.decode(table.get(user))
-            self.joiner.close(st, ids)
-            self.joiner.forget_closed(st, watermark_ms, horizon_ms=10 * self.joiner.window_ms)
+            unmatched = self.joiner.close(st, ids, watermark_ms)
+            metrics.ENGAGEMENTS.labels(Attribution.UNMATCHED.value).inc(unmatched)
             if st.empty():
                 table.pop(user, None)
             else:

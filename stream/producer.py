@@ -20,7 +20,6 @@ PRODUCER_DEFAULTS = {
     "partitioner": "murmur2_random",
     "enable.idempotence": True,  # retries never duplicate or reorder a partition's events
     "linger.ms": 5,
-    "compression.type": "lz4",
 }
 
 

@@ -1,0 +1,58 @@
+"""All runtime configuration, read from the environment (and CLI flags) in this one place.
+
+Environment: ``KAFKA_BOOTSTRAP_SERVERS``, ``REDIS_URL`` (explicit servers: use them, start nothing), and
+``ZENITH_*`` for the rest (e.g. ``ZENITH_WINDOW_S=60``). Each process turns these settings into the typed
+config of the package it runs (``StreamConfig``, ``TrainerConfig``, ``ScorerConfig``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from state.store import StateConfig
+from stream.app import StreamConfig
+from stream.topics import Topics
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZENITH_", extra="ignore")
+
+    kafka_bootstrap_servers: str | None = Field(default=None, validation_alias="KAFKA_BOOTSTRAP_SERVERS")
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    home: Path = Path(".zenith")  # local stack data, logs, model registry
+    topic_prefix: str = ""
+    partitions: int = 4
+    window_s: float = 120.0
+    lateness_s: float = 5.0
+    idle_advance_s: float = 5.0
+    stream_metrics_port: int = 9101
+    trainer_metrics_port: int = 9102
+    scorer_port: int = 8080
+    registry_dir: Path | None = None  # default: <home>/registry
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    @property
+    def registry(self) -> Path:
+        return self.registry_dir or self.home / "registry"
+
+    def require_servers(self) -> tuple[str, str]:
+        if not self.kafka_bootstrap_servers or not self.redis_url:
+            raise SystemExit(
+                "no Kafka/Redis given: set KAFKA_BOOTSTRAP_SERVERS and REDIS_URL, or run `zenith infra up` "
+                "and export what it prints"
+            )
+        return self.kafka_bootstrap_servers, self.redis_url
+
+    def stream_config(self) -> StreamConfig:
+        bootstrap, redis_url = self.require_servers()
+        return StreamConfig(
+            bootstrap=bootstrap, redis_url=redis_url, topics=self.topics, partitions=self.partitions,
+            window_ms=int(self.window_s * 1000), lateness_ms=int(self.lateness_s * 1000),
+            idle_advance_s=self.idle_advance_s, metrics_port=self.stream_metrics_port, state=StateConfig(),
+        )

@@ -1,0 +1,177 @@
+"""The Faust stream worker: events in, state in Redis, one labelled sample per impression out.
+
+Agents:
+* ``user_events`` consumes ``events.impression`` and ``events.engagement`` (co-partitioned by user id) in
+  batches: state writes (one pipelined Redis round trip), then the label join in the ``pending`` table.
+* ``live_events`` consumes ``events.live`` (keyed by author): room state only.
+* the ``close_windows`` timer closes due attribution windows, reads state as of each impression, sends
+  the samples, waits for the broker's acknowledgement, then shrinks the join state.
+
+Delivery guarantee: at-least-once into ``samples`` (Faust flushes its producer before committing source
+offsets; state writes are idempotent by event id; the join ignores impression ids it has seen). A crash
+between a sample's acknowledgement and the table update can re-emit that sample after restart; the
+trainer drops repeats by impression id, so each impression is *trained* exactly once.
+
+The ``pending`` table uses the producer's key partitioner (``use_partitioner=True``) so the timer may
+write it outside an event; the input producers use the same murmur2 partitioner (stream/producer.py),
+so a user's changelog partition is the partition of that user's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import faust
+from prometheus_client import start_http_server
+
+from model.spec import default_live_spec
+from state.store import LiveState, StateConfig
+from stream import metrics
+from stream.events import MalformedEvent, decode_event
+from stream.join import LabelJoiner
+from stream.processor import StreamProcessor, Watermark
+from stream.topics import Topics, ensure_topics
+
+log = logging.getLogger("zenith.stream")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    topics: Topics = field(default_factory=Topics)
+    app_id: str = "zenith-stream"
+    partitions: int = 4
+    window_ms: int = 120_000
+    lateness_ms: int = 5_000  # extra wait for cross-topic skew before a window closes
+    batch_size: int = 500
+    batch_within_s: float = 0.05
+    close_interval_s: float = 0.5
+    max_close_per_tick: int = 2_000
+    # With no events for this long, stream time follows the wall clock, so a quiet stream still closes
+    # its windows. 0 disables it (pure event time, e.g. for replays of old logs).
+    idle_advance_s: float = 5.0
+    metrics_port: int = 9101
+    state: StateConfig = field(default_factory=StateConfig)
+
+
+def create_app(cfg: StreamConfig) -> faust.App:
+    app = faust.App(
+        f"{cfg.topics.prefix}{cfg.app_id}",  # group id and changelog names: one set per topic prefix
+        broker=f"kafka://{cfg.bootstrap}",
+        store="memory://",  # the changelog is the durable copy; a restarted worker replays it
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=cfg.partitions,
+        table_standby_replicas=0,  # the close timer walks the local table: it must hold only owned keys
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        web_enabled=False,
+        producer_acks=-1,
+    )
+    topics = cfg.topics
+    user_topic = app.topic(topics.impression, topics.engagement, key_type=bytes, value_type=bytes)
+    live_topic = app.topic(topics.live, key_type=bytes, value_type=bytes)
+    samples_topic = app.topic(topics.samples, key_type=bytes, value_type=bytes)
+    deadletter_topic = app.topic(topics.deadletter, key_type=bytes, value_type=bytes)
+    pending = app.Table("pending", default=None, use_partitioner=True, partitions=cfg.partitions,
+                        key_type=str, value_type=bytes)
+    joiner = LabelJoiner(cfg.window_ms, cfg.lateness_ms)
+    holder: dict[str, StreamProcessor] = {}
+    watermark = Watermark(cfg.idle_advance_s)
+
+    def processor() -> StreamProcessor:
+        # Created inside the worker's event loop: redis.asyncio connections bind to the running loop.
+        if "p" not in holder:
+            holder["p"] = StreamProcessor(LiveState.from_url(cfg.redis_url, cfg.state), default_live_spec(), joiner)
+        return holder["p"]
+
+    async def decode_batch(events: list[faust.EventT], *, tracks_time: bool) -> list:
+        good = []
+        now = time.time()
+        for ev in events:
+            try:
+                good.append(decode_event(ev.value))
+            except MalformedEvent as exc:
+                await dead_letter(ev.message, str(exc))
+                continue
+            if tracks_time:
+                watermark.observe(f"{ev.message.topic}/{ev.message.partition}", good[-1].ts_ms, now)
+        return good
+
+    async def dead_letter(message: faust.types.tuples.Message, reason: str) -> None:
+        kind = reason.split(":", 1)[0][:40]
+        metrics.DEAD_LETTERS.labels(kind).inc()
+        headers = {"x-reason": reason.encode(), "x-source-topic": message.topic.encode(),
+                   "x-source-partition": str(message.partition).encode(),
+                   "x-source-offset": str(message.offset).encode()}
+        fut = await deadletter_topic.send(key=message.key, value=message.value, headers=headers)
+        await fut  # the original bytes are safe before the offset can be committed
+        log.warning("dead letter from %s@%s: %s", message.topic, message.offset, reason)
+
+    @app.agent(user_topic)
+    async def user_events(stream: faust.StreamT) -> None:
+        async for batch in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
+            events = await decode_batch(batch, tracks_time=True)
+            if events:
+                await processor().on_events(events, pending)
+
+    @app.agent(live_topic)
+    async def live_events(stream: faust.StreamT) -> None:
+        async for batch in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
+            events = await decode_batch(batch, tracks_time=False)
+            if events:
+                await processor().apply_state(events)
+
+    @app.timer(cfg.close_interval_s)
+    async def close_windows() -> None:
+        try:
+            await _close_windows()
+        except Exception:  # a timer that raises stops silently in Faust: log it and try next tick
+            log.exception("closing attribution windows failed; retrying next tick")
+
+    async def _close_windows() -> None:
+        proc = processor()
+        now_ms = watermark.current(time.time())
+        metrics.WATERMARK.set(now_ms)
+        # Bounded per tick so a backlog does not stall the agents for seconds.
+        if not now_ms:
+            return
+        due = proc.due(pending, now_ms, limit=cfg.max_close_per_tick)
+        if not due.items and not due.tidy:
+            return
+        samples = await proc.build_samples(due)
+        futures = [await samples_topic.send(key=s.key, value=s.value) for s in samples]
+        await asyncio.gather(*futures)  # acknowledged by the broker before the join state forgets them
+        proc.commit_closed(pending, due, now_ms)
+        proc.observe_emitted(samples)
+
+    user_topic_names = {topics.impression, topics.engagement}
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app: faust.App, assigned: set, **kwargs: object) -> None:
+        watermark.expect([f"{tp.topic}/{tp.partition}" for tp in assigned if tp.topic in user_topic_names],
+                         time.time())
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app: faust.App, revoked: set, **kwargs: object) -> None:
+        watermark.forget([f"{tp.topic}/{tp.partition}" for tp in revoked])
+
+    @app.task
+    async def on_start() -> None:
+        if cfg.metrics_port:
+            start_http_server(cfg.metrics_port)
+        log.info("stream worker up: window=%ss, topics %s", cfg.window_ms / 1000, topics.all())
+
+    return app
+
+
+def run_worker(cfg: StreamConfig, loglevel: str = "warning") -> None:
+    """Run the worker until SIGINT/SIGTERM (Faust handles both and shuts down cleanly)."""
+    ensure_topics(cfg.bootstrap, cfg.topics, cfg.partitions)
+    app = create_app(cfg)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
