@@ -158,7 +158,7 @@ def test_simulator_is_deterministic_and_its_planted_affinities_move_engagement()
     for e in imps:
         user, author = int(e.user_id[1:]), int(e.author_id[1:])
         (fav if author in sim.user_favourites[user] else other).append((e.user_id, e.room_id) in entered)
-    assert np.mean(fav) > 2 * np.mean(other), (np.mean(fav), np.mean(other))
+    assert np.mean(fav) > 1.5 * np.mean(other), (np.mean(fav), np.mean(other))
     # The rate of impressions follows the configured request rate (6 rooms per request).
     span_s = (imps[-1].ts_ms - imps[0].ts_ms) / 1000
     assert 0.8 < len(imps) / span_s / (sim.cfg.requests_per_s * sim.cfg.rooms_per_request) < 1.2
