@@ -38,3 +38,7 @@ for _module, _target in _COMMANDS:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ Key schema (``prefix`` defaults to ``zl:``)::
 
     ev:{event_id}     dedup marker (SET NX): a replayed event changes nothing
     u:{user}          hash of user counters         u:{user}:log   increments log (zset by event time)
-    u:{user}:seq      zset of the user's recent enters/watches, member "kind|room|author|category|secs|id"
+    u:{user}:seq      zset of the user's recent enters/watches, member "kind|room|author|secs|id"
     r:{room}          hash of room counters + meta  r:{room}:log   increments log
     a:{author}        hash of author counters       a:{author}:log increments log
 
@@ -21,7 +21,7 @@ batch of reads each go to Redis in one pipelined round trip.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -117,7 +117,7 @@ class LiveState:
             ("u", user, c.user_ttl_s, {"enters": 1}, {}),
             ("r", room, c.room_ttl_s, {"enters": 1, "audience": 1}, {}),
             ("a", author, c.author_ttl_s, {"enters": 1}, {}),
-        ], seq=(user, room, f"enter|{room}|{author}|{{cat}}|0|{event_id}"))
+        ], seq=(user, f"enter|{room}|{author}|0|{event_id}"))
 
     def record_watch(self, event_id: str, ts_ms: int, user: str, room: str, author: str,
                      seconds: float) -> Write:
@@ -126,7 +126,7 @@ class LiveState:
             ("u", user, c.user_ttl_s, {"watch_s": seconds, "watches": 1}, {}),
             ("r", room, c.room_ttl_s, {"watch_s": seconds, "watches": 1, "audience": -1}, {}),
             ("a", author, c.author_ttl_s, {"watch_s": seconds, "watches": 1}, {}),
-        ], seq=(user, room, f"watch|{room}|{author}|{{cat}}|{seconds}|{event_id}"))
+        ], seq=(user, f"watch|{room}|{author}|{seconds}|{event_id}"))
 
     def record_interaction(self, event_id: str, ts_ms: int, user: str, room: str, author: str,
                            what: str, value: float = 1.0) -> Write:
@@ -158,7 +158,7 @@ class LiveState:
 
     def _write(self, event_id: str, ts_ms: int,
                targets: Sequence[tuple[str, str, int, dict[str, float], dict[str, Any]]],
-               seq: tuple[str, str, str] | None = None) -> Write:
+               seq: tuple[str, str] | None = None) -> Write:
         keys = [self._k("ev", event_id)]
         specs = []
         for kind, ident, ttl, incr, sets in targets:
@@ -170,10 +170,9 @@ class LiveState:
         body: dict[str, Any] = {"dedup_ttl": self.cfg.dedup_ttl_s, "ts": ts_ms, "id": event_id,
                                 "keep_ms": self.cfg.asof_keep_ms, "targets": specs}
         if seq is not None:
-            user, room, member = seq
-            keys += [self._k("u", user, "seq"), self._k("r", room)]
-            body["seq"] = {"key": len(keys) - 1, "cat_from": len(keys), "member": member,
-                           "cap": self.cfg.history_cap, "ttl": self.cfg.user_ttl_s}
+            user, member = seq
+            keys.append(self._k("u", user, "seq"))
+            body["seq"] = {"key": len(keys), "member": member, "cap": self.cfg.history_cap, "ttl": self.cfg.user_ttl_s}
         # cjson turns an empty Python dict into an empty table either way; JSON arrays stay arrays.
         return Write(tuple(keys), orjson.dumps(body))
 
@@ -215,7 +214,21 @@ class LiveState:
                 room_meta=room_meta,
                 author=_as_of(a, alog),
             ))
+        await self._fill_categories(out)
         return out
+
+    async def _fill_categories(self, snaps: list[Snapshot]) -> None:
+        """History rooms' categories, looked up at read time in one more round trip. (Resolving them when
+        the engagement is written would depend on whether the room's start event was processed first.)"""
+        rooms = sorted({h.room for s in snaps for h in s.history})
+        if not rooms:
+            return
+        async with self.r.pipeline(transaction=False) as pipe:
+            for room in rooms:
+                pipe.hget(self._k("r", room), "category")
+            cats = {room: (c or b"").decode() for room, c in zip(rooms, await pipe.execute(), strict=True)}
+        for s in snaps:
+            s.history = [replace(h, category=cats[h.room]) for h in s.history]
 
 
 def _as_of(totals: dict[bytes, bytes], later_increments: list[bytes]) -> dict[str, float]:
@@ -224,9 +237,10 @@ def _as_of(totals: dict[bytes, bytes], later_increments: list[bytes]) -> dict[st
         for part in entry.split(b"|", 1)[1].split(b","):
             name, delta = part.split(b":")
             values[name.decode()] = values.get(name.decode(), 0.0) - float(delta)
-    return values
+    # Float increments (watch seconds) leave 1e-13 residues after subtraction; they are not signal.
+    return {k: round(v, 6) for k, v in values.items()}
 
 
 def _history_item(member: bytes, score: float) -> HistoryItem:
-    kind, room, author, category, secs, _ = member.decode().split("|")
-    return HistoryItem(int(score), kind, room, author, category, float(secs))
+    kind, room, author, secs, _ = member.decode().split("|")
+    return HistoryItem(int(score), kind, room, author, "", float(secs))

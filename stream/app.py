@@ -69,6 +69,9 @@ def create_app(cfg: StreamConfig) -> faust.App:
         table_standby_replicas=0,  # the close timer walks the local table: it must hold only owned keys
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        # A killed worker's partitions move to a live one after this long (the default is 60 s).
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
         web_enabled=False,
         producer_acks=-1,
     )

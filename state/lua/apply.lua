@@ -4,7 +4,7 @@
 -- ARGV[1]   : JSON {
 --   "dedup_ttl": s, "ts": ms, "id": event id, "keep_ms": how long increment logs keep entries,
 --   "targets": [{"h": key index, "log": key index or 0, "ttl": s, "incr": {field: delta}, "set": {field: value}}],
---   "seq": {"key": key index, "member": "...{cat}...", "cat_from": key index or 0, "cap": n, "ttl": s} (optional)
+--   "seq": {"key": key index, "member": "...", "cap": n, "ttl": s} (optional)
 -- }
 -- Returns 1 when applied, 0 when the event id was seen before (a replay): replays change nothing.
 --
@@ -35,12 +35,7 @@ for _, t in ipairs(a.targets) do
 end
 local s = a.seq
 if s then
-  local member = s.member
-  if s.cat_from > 0 then
-    local cat = redis.call('HGET', KEYS[s.cat_from], 'category') or ''
-    member = string.gsub(member, '{cat}', cat)
-  end
-  redis.call('ZADD', KEYS[s.key], ts, member)
+  redis.call('ZADD', KEYS[s.key], ts, s.member)
   redis.call('ZREMRANGEBYRANK', KEYS[s.key], 0, -(s.cap + 1))
   redis.call('EXPIRE', KEYS[s.key], s.ttl)
 end
