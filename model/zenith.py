@@ -6,7 +6,7 @@ except RSA's single ``W_R``, which the paper shares; that is what keeps tokens h
 * ``Zenith``   = RSA + TSwiGLU (``Arch.ZENITH``)
 * ``Zenith++`` = TMHSA + TSMoE, or TSwiGLU with ``boost=tswiglu`` (``Arch.ZENITH_PP``)
 
-RSA shape arithmetic, for ``T`` tokens of width ``D``: ``O = (X Xᵀ / D) X W_R`` is ``[T, k]``; it is
+RSA shape arithmetic, for ``T`` tokens of width ``D``: ``O = (X Xᵀ / DT) X W_R`` is ``[T, k]``; it is
 reshaped row-major to ``[T̂, D]`` with ``T̂ = T·k/D``. With ``k < D`` each new token is made of fragments of
 ``D/k`` old tokens; with ``k > D`` each old token is cut into ``k/D`` new ones. Stacked layers alternate
 ``k`` and ``D²/k`` (see ``ModelConfig.rsa_schedule``), so the token count goes ``T -> T̂ -> T -> ...``.
@@ -30,12 +30,14 @@ from model.spec import FeatureSpec
 
 
 class RSA(nn.Module):
-    """Retokenized Self-Attention: ``Norm(reshape(O) + reshape(R(X)))`` with ``O = (X·Xᵀ/D)·X·W_R``.
+    """Retokenized Self-Attention: ``Norm(reshape(O) + reshape(R(X)))`` with ``O = (X·Xᵀ/(D·T))·X·W_R``.
 
     No softmax and no Q/K projections: the token affinity is the raw Gram matrix. Stability: ``X·Xᵀ`` is
-    scaled by ``1/D`` (not ``1/sqrt(D)``). Inputs are LayerNorm'd, so ``|x|² ≈ D`` and ``X·Xᵀ/D`` is a
-    cosine-like matrix with entries of order 1 whatever ``D`` is; ``1/sqrt(D)`` would leave the diagonal at
-    ``sqrt(D)`` and let the cubic term swamp the residual as models grow. The paper does not say which it uses.
+    scaled by ``1/(D·T)`` (not ``1/sqrt(D)``). Inputs are LayerNorm'd, so ``|x|² ≈ D`` and ``X·Xᵀ/D`` is a
+    cosine-like matrix with entries of order 1 whatever ``D`` is, and the extra ``1/T`` makes each output
+    token a similarity-weighted *average* of the ``T`` projected tokens rather than a sum that grows with
+    T. ``1/sqrt(D)`` would leave the diagonal at ``sqrt(D)`` and let the cubic term swamp the residual as
+    models grow (it trained worse here). The paper does not say which scaling it uses.
     ``R`` is the residual map to the new shape: a tokenwise linear ``D -> k`` (one weight per input token),
     kept linear so the shortcut stays a clean gradient path; the non-linearity lives in Token Boost.
     """
@@ -53,7 +55,7 @@ class RSA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         # Associativity: (X Xᵀ)(X W_R) costs T²·(D + k) + T·D·k, never forming a D×D matrix.
-        gram = torch.bmm(x, x.transpose(1, 2)) / self.d
+        gram = torch.bmm(x, x.transpose(1, 2)) / (self.d * self.t_in)
         o = torch.bmm(gram, self.w_r(x))
         return self.norm((o + self.residual(x)).reshape(b, self.t_out, self.d))
 

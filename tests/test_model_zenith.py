@@ -21,8 +21,8 @@ def test_rsa_retokenization_arithmetic(t: int, d: int, k: int) -> None:
     x = torch.randn(3, t, d)
     out = rsa(x)
     assert rsa.t_out * d == t * k and out.shape == (3, t * k // d, d)
-    # O = (X Xᵀ / D) X W_R (no softmax), plus the tokenwise residual, reshaped row-major T×k -> T̂×d
-    o = (x @ x.transpose(1, 2) / d) @ x @ rsa.w_r.weight.T
+    # O = (X Xᵀ / (D·T)) X W_R (no softmax), plus the tokenwise residual, reshaped row-major T×k -> T̂×d
+    o = (x @ x.transpose(1, 2) / (d * t)) @ x @ rsa.w_r.weight.T
     r = torch.einsum("btd,tdk->btk", x, rsa.residual.weight) + rsa.residual.bias
     pre = (o + r).reshape(3, t * k // d, d)
     torch.testing.assert_close(out, rsa.norm(pre), rtol=1e-4, atol=1e-4)

@@ -14,6 +14,7 @@ in-process planted-signal generator (``model.synthetic``) and needs nothing else
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ def load_stream(source: str, n: int, seed: int):
 
         return spec, make_synthetic(spec, n, seed=seed).arrays, "synthetic (model.synthetic, planted signal)"
     try:
-        from deploy import datasets
+        datasets = importlib.import_module("deploy.datasets")
     except ModuleNotFoundError as exc:
         if exc.name != "deploy.datasets":
             raise
@@ -52,7 +53,11 @@ def load_stream(source: str, n: int, seed: int):
 
 
 def run_quality(archs: list[str], sizes: list[str], source: str, n: int, seed: int, batch_size: int,
-                window: int, device: str, progress: bool = True) -> dict[str, Any]:
+                window: int, device: str, progress: bool = True, seeds: int = 1) -> dict[str, Any]:
+    """One row per (arch, size); with ``seeds > 1`` each row is the mean over model seeds ``seed..seed+k-1``
+    (same data, same order) and carries the standard deviation, to tell a difference from seed noise."""
+    import statistics
+
     import torch
 
     from model.batch import Batch
@@ -64,31 +69,39 @@ def run_quality(archs: list[str], sizes: list[str], source: str, n: int, seed: i
     dev = torch.device(device)
     probe = Batch.from_arrays(arrays[-min(len(arrays), 2048):], dev)  # for the token diagnostic, after training
     rows: list[dict[str, Any]] = []
+    metrics = ("auc", "uauc", "logloss", "window_auc", "window_uauc", "window_logloss")
     for arch in archs:
         for size in sizes:
-            cfg = preset(Arch(arch), Size(size), spec, seed=seed)
-            model = build_model(spec, cfg, dev)
+            runs = []
+            for s in range(seed, seed + seeds):
+                cfg = preset(Arch(arch), Size(size), spec, seed=s)
+                model = build_model(spec, cfg, dev)
+                t0 = time.perf_counter()
+                report = run_prequential(OnlineLearner(model, spec, cfg, dev), arrays, batch_size=batch_size,
+                                         window=window)
+                runs.append((cfg, model, report, time.perf_counter() - t0))
+            cfg, model, report, _ = runs[0]
             params = count_params(model)
-            flops = flops_per_sample(model, spec)
-            t0 = time.perf_counter()
-            report = run_prequential(OnlineLearner(model, spec, cfg, dev), arrays, batch_size=batch_size,
-                                     window=window)
-            main = report.main()
-            row = {
+            per_seed = [{k: r.main()[k] for k in metrics} for _, _, r, _ in runs]
+            row: dict[str, Any] = {
                 "arch": arch, "size": size, "dense_params": params.dense, "embedding_params": params.sparse,
-                "flops_per_sample": flops, "auc": main["auc"], "uauc": main["uauc"], "logloss": main["logloss"],
-                "window_auc": main["window_auc"], "window_uauc": main["window_uauc"],
-                "window_logloss": main["window_logloss"], "samples_per_s": report.samples_per_s,
-                "token_cosine": model.token_similarity(probe), "mean_aux_loss": report.mean_aux_loss,
+                "flops_per_sample": flops_per_sample(model, spec),
+                **{k: statistics.fmean(p[k] for p in per_seed) for k in metrics},
+                "samples_per_s": statistics.fmean(r.samples_per_s for _, _, r, _ in runs),
+                "token_cosine": [statistics.fmean(v) for v in zip(*(m.token_similarity(probe) for _, m, _, _ in runs),
+                                                                  strict=True)],
+                "mean_aux_loss": report.mean_aux_loss, "seeds": seeds, "per_seed": per_seed,
                 "tasks": report.tasks, "curve": report.curve, "config": cfg.to_dict(),
             }
+            if seeds > 1:
+                row.update({f"{k}_std": statistics.stdev(p[k] for p in per_seed) for k in ("auc", "uauc", "logloss")})
             rows.append(row)
             if progress:
                 typer.echo(f"  {arch:<11} {size}  logloss {row['logloss']:.4f}  auc {row['auc']:.4f}  "
-                           f"({time.perf_counter() - t0:.0f}s)", err=True)
+                           f"({sum(t for *_, t in runs):.0f}s)", err=True)
     return {
-        "bench": "quality", "source": described, "samples": len(arrays), "seed": seed, "batch_size": batch_size,
-        "window": window, "device": str(dev), "main_task": spec.tasks[0].name,
+        "bench": "quality", "source": described, "samples": len(arrays), "seed": seed, "seeds": seeds,
+        "batch_size": batch_size, "window": window, "device": str(dev), "main_task": spec.tasks[0].name,
         "positive_rate": float(arrays.labels[:, 0].mean()), "torch_threads": torch.get_num_threads(), "rows": rows,
     }
 
@@ -97,17 +110,22 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    seeds = result.get("seeds", 1)
+    seed_txt = f"seed {result['seed']}" if seeds == 1 else f"mean ± std over seeds {result['seed']}..+{seeds - 1}"
     t = Table(title=f"prequential quality, task '{result['main_task']}' on {result['source']}: "
                     f"{result['samples']} samples, batch {result['batch_size']}, window {result['window']}, "
-                    f"seed {result['seed']}, {result['device']}")
+                    f"{seed_txt}, {result['device']}")
     for col in ("model", "size", "dense params", "emb params", "FLOPs/sample", "AUC", "UAUC", "logloss",
                 "win AUC", "win logloss", "samples/s", "token cos by layer (0=input)"):
         t.add_column(col, justify="left" if col in ("model", "size") or col.startswith("token") else "right")
     best = min(r["logloss"] for r in result["rows"])
     for r in result["rows"]:
-        ll = f"{r['logloss']:.4f}"
+        def pm(key: str, r: dict[str, Any] = r) -> str:
+            return f"{r[key]:.4f}" + (f"±{r[key + '_std']:.4f}" if key + "_std" in r else "")
+
+        ll = pm("logloss")
         t.add_row(r["arch"], r["size"], _si(r["dense_params"]), _si(r["embedding_params"]),
-                  _si(r["flops_per_sample"]), f"{r['auc']:.4f}", f"{r['uauc']:.4f}",
+                  _si(r["flops_per_sample"]), pm("auc"), pm("uauc"),
                   f"[bold]{ll}[/bold]" if r["logloss"] == best else ll, f"{r['window_auc']:.4f}",
                   f"{r['window_logloss']:.4f}", f"{r['samples_per_s']:.0f}",
                   " ".join(f"{c:.2f}" for c in r["token_cosine"]))
@@ -160,6 +178,7 @@ def register(bench: typer.Typer) -> None:
         batch_size: int | None = typer.Option(None, "--batch-size"),
         window: int | None = typer.Option(None, "--window", help="trailing window for windowed metrics"),
         seed: int = typer.Option(0, "--seed"),
+        seeds: int = typer.Option(1, "--seeds", help="model seeds per row (mean ± std when > 1)"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
         threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
         json_path: Path | None = typer.Option(None, "--json", help="write all numbers here"),
@@ -182,7 +201,8 @@ def register(bench: typer.Typer) -> None:
                 raise typer.BadParameter(f"unknown size {s!r}; choose from S, M, L")
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         result = run_quality(arch_list, size_list, str(data) if data else source, n or int(preset_["n"]), seed,
-                             batch_size or int(preset_["batch_size"]), window or int(preset_["window"]), dev)
+                             batch_size or int(preset_["batch_size"]), window or int(preset_["window"]), dev,
+                             seeds=seeds)
         print_table(result)
         if json_path:
             json_path.write_text(json.dumps(result, indent=1))
