@@ -96,3 +96,29 @@ def test_config_json_round_trip_and_unknown_fields() -> None:
         ModelConfig.from_dict({**cfg.to_dict(), "d_modle": 3})
     with pytest.raises(AssertionError, match="names unknown tables"):
         build_model(SPEC, cfg.replace(emb_bucket_overrides=(("nope", 4),)), "cpu")
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.value)
+def test_bf16_autocast_path_runs(arch: Arch) -> None:
+    """The CUDA bf16 path uses autocast; CPU autocast exercises the same dtype handling here."""
+    model = build_model(SPEC, small(arch), "cpu")
+    batch = Batch.from_arrays(random_arrays(SPEC, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, aux = model(batch)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    (logits.sum() + aux).backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_learner_step_and_cpu_agreement() -> None:
+    from model.learner import OnlineLearner
+
+    arrays = random_arrays(SPEC, 64)
+    cfg = small(Arch.ZENITH_PP, bf16_autocast=True)
+    learner = OnlineLearner(build_model(SPEC, cfg, "cuda"), SPEC)
+    res = learner.step(arrays)
+    assert res.probs.shape == (64, len(SPEC.tasks)) and learner.autocast
+    cpu = build_model(SPEC, cfg, "cpu")
+    gpu = build_model(SPEC, cfg, "cuda")
+    torch.testing.assert_close(cpu.predict(Batch.from_arrays(arrays)),
+                               gpu.predict(Batch.from_arrays(arrays, "cuda")).cpu(), rtol=1e-3, atol=1e-4)
