@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     stream_metrics_port: int = 9101
     trainer_metrics_port: int = 9102
     scorer_port: int = 8080
+    scorer_host: str = "127.0.0.1"  # 0.0.0.0 in a container
+    scorer_max_candidates: int = 1000  # more in one /v1/rank request -> 413
+    scorer_max_body_bytes: int = 1 << 20  # larger request bodies -> 413
+    scorer_poll_s: float = 0.5  # how often a scorer looks for a new (or pinned) model version
+    scorer_threads: int | None = None  # torch CPU threads in a scorer (None: torch's default)
     registry_dir: Path | None = None  # default: <home>/registry
 
     @property

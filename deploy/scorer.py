@@ -1,0 +1,528 @@
+"""The scoring worker: an HTTP ranking API over the newest model version, hot-swapped while it serves.
+
+Endpoints::
+
+    POST /v1/rank   {"user_id": "u1", "candidates": [{"room_id": "r1", "author_id": "a1", "category": "c"}],
+                     "context": {"hour": 20, "device": "ios", "tab": "live", "ts_ms": 1700000000000}}
+                 -> {"model_version": 12, "results": [{"room_id": "r1", "score": 0.41,
+                                                       "scores": {"enter": 0.2, ...}}]}   (score desc)
+    GET  /healthz   200 {"status": "ok", "model_version": 12}; 503 until a model is loaded
+    GET  /v1/model  the served version: watermark, data age, how it was loaded, refused versions
+    GET  /metrics   Prometheus text (``zenith_scorer_*``, ``zenith_freshness_*_to_served_seconds``)
+
+Per request: one pipelined ``LiveState.read`` (an ``AsOf`` per candidate, as of the request time), then
+``stream.features.assemble`` per candidate -- the very code the stream builds training samples with, so
+there is no train/serve skew -- then one batched forward pass under ``torch.inference_mode()``. Feature
+assembly and the forward pass run on one inference thread, so the event loop keeps accepting requests,
+answering health checks and awaiting Redis for the next request meanwhile.
+
+Hot swap: a watcher polls the registry (``poll_s``) for the pinned version, else the latest; it builds the
+new model off the request path (a loader thread: deltas applied to a deep copy of the served model, or a
+full load) and verifies it (checksums, shapes, spec, finite values). Then ``self.serving`` -- an immutable
+``Serving(version, model, manifest)`` -- is replaced by one attribute assignment. A request reads
+``self.serving`` once and finishes on that object, so requests in flight during a swap never see a mix. A
+corrupt version is refused, logged and counted once; the last good version keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from model.batch import Batch
+from model.ranker import Ranker, combined_score
+from model.registry import (
+    CorruptVersion,
+    LocalDirRegistry,
+    Manifest,
+    ModelRegistry,
+    RegistryError,
+    VersionNotFound,
+    apply_version,
+    load_version,
+)
+from model.spec import FeatureSpec
+from state.store import AsOf, LiveState, Snapshot, StateConfig
+from stream.features import Candidate, assemble, default_live_spec
+
+log = logging.getLogger("zenith.scorer")
+
+HOUR_MS = 3_600_000
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    registry_dir: Path
+    redis_url: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_candidates: int = 1000
+    max_body_bytes: int = 1 << 20  # 1000 candidates with long ids are ~100 KB; 1 MiB leaves room
+    poll_s: float = 0.5  # registry poll interval (the published -> served delay is at most this + load time)
+    device: str = "cpu"
+    torch_threads: int | None = None  # None: torch's default
+    seq_len: int = 20  # the feature spec's sequence length (must match what the model was trained with)
+    state: StateConfig = field(default_factory=StateConfig)
+
+    @staticmethod
+    def from_settings(settings: Any, redis_url: str, **overrides: Any) -> ScorerConfig:
+        """From ``deploy.config.Settings`` (``ZENITH_SCORER_*``), with explicit ``overrides`` winning."""
+        base = dict(registry_dir=settings.registry, redis_url=redis_url, host=settings.scorer_host,
+                    port=settings.scorer_port, max_candidates=settings.scorer_max_candidates,
+                    max_body_bytes=settings.scorer_max_body_bytes, poll_s=settings.scorer_poll_s,
+                    torch_threads=settings.scorer_threads)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return ScorerConfig(**base)
+
+    def __post_init__(self) -> None:
+        assert self.max_candidates >= 1, f"max_candidates must be >= 1, got {self.max_candidates}"
+        assert self.max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {self.max_body_bytes}"
+        assert self.poll_s > 0, f"poll_s must be positive, got {self.poll_s}"
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What one request is scored with. Never mutated: a swap replaces the whole object."""
+
+    version: int
+    model: Ranker
+    manifest: Manifest
+    served_at: float  # wall time (s) it started serving
+    how: str  # "full" (built from the chain) or "delta" (applied to a copy of the previous model)
+    load_s: float
+
+
+# ---- request parsing ----------------------------------------------------------------------------------------
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    user_id: str
+    candidates: list[tuple[str, str, str]]  # (room_id, author_id, category)
+    hour: int | None
+    device: str
+    tab: str
+    ts_ms: int | None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:40]}{'...' if len(text) > 40 else ''} ({type(value).__name__})"
+
+
+def _string(obj: dict[str, Any], key: str, where: str, *, required: bool, allow_empty: bool = True) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise BadRequest(422, f"{where}{key} is required (a {'non-empty ' if not allow_empty else ''}string)")
+        return ""
+    if not isinstance(value, str) or (not allow_empty and not value):
+        raise BadRequest(422, f"{where}{key} must be a {'non-empty ' if not allow_empty else ''}string, "
+                              f"got {_show(value)}")
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, where: str, lo: int, hi: int | None = None) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        bounds = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise BadRequest(422, f"{where}{key} must be an integer {bounds}, got {_show(value)}")
+    return value
+
+
+def parse_rank_request(body: bytes, max_candidates: int) -> RankRequest:
+    """Validate a ``/v1/rank`` body; ``BadRequest(status, message)`` says what is wrong and where.
+
+    >>> parse_rank_request(b'{"user_id": "u1", "candidates": [{"room_id": "r1", "author_id": "a1"}]}', 10)
+    RankRequest(user_id='u1', candidates=[('r1', 'a1', '')], hour=None, device='', tab='', ts_ms=None)
+    >>> parse_rank_request(b'{"user_id": "u1", "candidates": [{"room_id": 7}]}', 10)
+    Traceback (most recent call last):
+    ...
+    deploy.scorer.BadRequest: candidates[0].room_id must be a non-empty string, got 7 (int)
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(400, f"body is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadRequest(422, f"body must be a JSON object with user_id, candidates and context, got {_show(data)}")
+    user = _string(data, "user_id", "", required=True, allow_empty=False)
+    cands = data.get("candidates")
+    if not isinstance(cands, list):
+        raise BadRequest(422, "candidates is required: a list of {room_id, author_id, category?} objects" +
+                         ("" if cands is None else f", got {_show(cands)}"))
+    if len(cands) > max_candidates:
+        raise BadRequest(413, f"too many candidates: {len(cands)} > max_candidates={max_candidates}; "
+                              f"split the request")
+    out = []
+    for i, c in enumerate(cands):
+        where = f"candidates[{i}]."
+        if not isinstance(c, dict):
+            raise BadRequest(422, f"candidates[{i}] must be an object with room_id and author_id, got {_show(c)}")
+        # author_id may be "": assembly then uses the author the room's state knows.
+        out.append((_string(c, "room_id", where, required=True, allow_empty=False),
+                    _string(c, "author_id", where, required=True),
+                    _string(c, "category", where, required=False)))
+    ctx = data.get("context")
+    if ctx is None:
+        ctx = {}
+    if not isinstance(ctx, dict):
+        raise BadRequest(422, f"context must be an object with optional hour, device, tab, ts_ms; got {_show(ctx)}")
+    return RankRequest(
+        user_id=user, candidates=out, hour=_int(ctx, "hour", "context.", 0, 23),
+        device=_string(ctx, "device", "context.", required=False), tab=_string(ctx, "tab", "context.", required=False),
+        ts_ms=_int(ctx, "ts_ms", "context.", 0),
+    )
+
+
+# ---- state ----------------------------------------------------------------------------------------------------
+async def read_snapshots(state: LiveState, user: str, candidates: list[tuple[str, str]], as_of_ms: int
+                         ) -> list[Snapshot]:
+    """What ``state.read([AsOf(user, room, author, as_of_ms) for room, author in candidates])`` returns, in the
+    same single pipelined round trip, but reading the user's counters and history once instead of per candidate.
+
+    Why: the user part is identical for every candidate, and reading and parsing it N times was ~3/4 of a
+    1000-candidate request. ``LiveState.read`` reads each query's user, room and author parts independently,
+    so one query carries the user and N user-less queries carry the rooms and authors (empty ids read nothing:
+    the state never writes an empty id's keys). tests/test_scorer.py checks the result against full per-candidate
+    reads, so a future user-dependent Snapshot field would fail there rather than go silently missing.
+    """
+    snaps = await state.read([AsOf(user, "", "", as_of_ms)] + [AsOf("", room, author, as_of_ms)
+                                                               for room, author in candidates])
+    u = snaps[0]
+    return [replace(s, user=u.user, history=u.history) for s in snaps[1:]]
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------------
+FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 180, 300, 600, 1800, 3600)
+
+
+class ScorerMetrics:
+    """The scorer's Prometheus metrics, in their own registry (so several scorers can live in one process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.request_seconds = Histogram(
+            "zenith_scorer_request_seconds", "Ranking request latency (parse to response), successful requests",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
+            registry=r)
+        self.stage_seconds = Histogram(
+            "zenith_scorer_stage_seconds", "Time per ranking stage: redis read, feature assembly, forward pass",
+            ["stage"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1), registry=r)
+        self.requests = Counter("zenith_scorer_requests_total", "HTTP requests by endpoint and status code",
+                                ["endpoint", "code"], registry=r)
+        self.candidates = Counter("zenith_scorer_candidates_total", "Candidates scored", registry=r)
+        self.candidates_per_request = Histogram(
+            "zenith_scorer_candidates_per_request", "Candidates per ranking request",
+            buckets=(1, 10, 25, 50, 100, 200, 300, 500, 750, 1000, 2000), registry=r)
+        self.model_version = Gauge("zenith_scorer_model_version", "Model version being served (0: none)", registry=r)
+        self.load_seconds = Histogram(
+            "zenith_scorer_version_load_seconds", "Time to load and verify a new version, by how it was built",
+            ["how"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.swaps = Counter("zenith_scorer_swaps_total", "Model versions swapped in, by how", ["how"], registry=r)
+        self.refused = Counter("zenith_scorer_refused_versions_total",
+                               "Versions refused (corrupt, partial, mismatched); the previous kept serving",
+                               registry=r)
+        self.load_errors = Counter("zenith_scorer_version_load_errors_total",
+                                   "Transient failures loading a version (retried)", registry=r)
+        self.data_age = Gauge("zenith_scorer_model_data_age_seconds",
+                              "Now minus the data watermark (newest event time) of the served version", registry=r)
+        self.published_to_served = Histogram(
+            "zenith_freshness_published_to_served_seconds",
+            "Time a version started serving minus the time it was published", buckets=FRESHNESS_BUCKETS, registry=r)
+        self.event_to_served = Histogram(
+            "zenith_freshness_event_to_served_seconds",
+            "Time a version started serving minus its data watermark (newest event it learned from)",
+            buckets=FRESHNESS_BUCKETS, registry=r)
+
+
+# ---- the scorer ----------------------------------------------------------------------------------------------------
+class Scorer:
+    """The ranking service. ``app()`` is the aiohttp application; ``run(config)`` serves it.
+
+    ``registry`` and ``state`` default to ones built from ``config``; tests pass their own.
+    ``on_swap(new, old)`` callbacks run on the event loop after each swap (the CLI logs a progress line).
+    """
+
+    def __init__(self, config: ScorerConfig, *, registry: ModelRegistry | None = None,
+                 state: LiveState | None = None, spec: FeatureSpec | None = None,
+                 on_swap: list[Callable[[Serving, Serving | None], None]] | None = None) -> None:
+        self.config = config
+        self.registry = registry or LocalDirRegistry(config.registry_dir)
+        self.spec = spec or default_live_spec(seq_len=config.seq_len)
+        self.device = torch.device(config.device)
+        self.metrics = ScorerMetrics()
+        self.metrics.data_age.set_function(self._data_age)
+        self.on_swap = list(on_swap or [])
+        self.serving: Serving | None = None  # THE swap point: replaced whole, never mutated
+        self.refused: dict[int, str] = {}  # version -> reason; never retried
+        self._state, self._own_state = state, state is None
+        self._infer = ThreadPoolExecutor(1, thread_name_prefix="zenith-infer")
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="zenith-loader")
+        self._refresh_lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+        self._last_error = ""
+
+    # ---- model versions ------------------------------------------------------------------------------------
+    def _data_age(self) -> float:
+        s = self.serving
+        return max(time.time() - s.manifest.watermark_ms / 1000, 0.0) if s else math.nan
+
+    def _build(self, version: int, current: Serving | None) -> tuple[Ranker, Manifest, str, float]:
+        """Loader thread: the model of ``version``, verified; never touches ``current.model`` itself."""
+        t0 = time.perf_counter()
+        if current is None:
+            model, manifest = load_version(self.registry, version, self.spec, self.device)
+        else:  # deltas on a deep copy when the version extends the served one, else a full load
+            model, manifest = apply_version(current.model, self.registry, version, held_version=current.version)
+        extends = current is not None and version > current.version and self._on_chain(version, current.version)
+        how = "delta" if extends else "full"
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)  # serving never trains; also makes forward skip autograd bookkeeping
+        return model, manifest, how, time.perf_counter() - t0
+
+    def _on_chain(self, version: int, held: int) -> bool:
+        try:
+            return any(m.version == held for m in self.registry.chain(version))
+        except RegistryError:
+            return False
+
+    async def refresh(self) -> Serving | None:
+        """One watcher step: if the target version (pinned, else latest) is new and not refused, load it off
+        the event loop and swap it in. Returns the new ``Serving`` if a swap happened."""
+        async with self._refresh_lock:
+            loop = asyncio.get_running_loop()
+            target = await loop.run_in_executor(self._loader, self.registry.target)
+            current = self.serving
+            if target is None or target in self.refused or (current is not None and current.version == target):
+                return None
+            try:
+                model, manifest, how, load_s = await loop.run_in_executor(self._loader, self._build, target, current)
+            except CorruptVersion as exc:
+                if target not in await loop.run_in_executor(self._loader, self.registry.list_versions):
+                    log.info("version %s vanished while loading (pruned?): %s", target, exc.reason)
+                    return None  # not corrupt, just gone: the next poll looks again
+                self.refused[target] = exc.reason
+                self.metrics.refused.inc()
+                log.error("refused model version %s: %s; still serving %s", target, exc.reason,
+                          current.version if current else "nothing")
+                return None
+            except VersionNotFound as exc:  # pruned between listing and reading: the next poll sees newer
+                log.info("%s", exc)
+                return None
+            serving = Serving(version=manifest.version, model=model, manifest=manifest, served_at=time.time(),
+                              how=how, load_s=load_s)
+            self.serving = serving  # the swap: one reference assignment; in-flight requests keep theirs
+            m = self.metrics
+            m.model_version.set(serving.version)
+            m.load_seconds.labels(how).observe(load_s)
+            m.swaps.labels(how).inc()
+            m.published_to_served.observe(max(serving.served_at - manifest.created_ms / 1000, 0.0))
+            m.event_to_served.observe(max(serving.served_at - manifest.watermark_ms / 1000, 0.0))
+            for callback in self.on_swap:
+                try:
+                    callback(serving, current)
+                except Exception:  # a logging hook must never break the watcher
+                    log.exception("on_swap callback failed")
+            return serving
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+                self._last_error = ""
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # transient (I/O, a garbled PINNED file): retried next poll, logged once
+                self.metrics.load_errors.inc()
+                if str(exc) != self._last_error:
+                    log.warning("model watcher: %s (retrying every %.1fs)", exc, self.config.poll_s)
+                    self._last_error = str(exc)
+            await asyncio.sleep(self.config.poll_s)
+
+    # ---- ranking --------------------------------------------------------------------------------------------
+    def _score(self, serving: Serving, req: RankRequest, ts_ms: int,
+               snapshots: list[Any]) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """Inference thread: assemble features (the stream's code) and run one batched forward pass."""
+        t0 = time.perf_counter()
+        hour = req.hour if req.hour is not None else int(ts_ms // HOUR_MS) % 24  # the simulator's convention
+        rows = [assemble(self.spec, Candidate(user=req.user_id, room=room, author=author, category=category,
+                                              ts_ms=ts_ms, hour=hour, device=req.device, tab=req.tab, position=i),
+                         snap)
+                for i, ((room, author, category), snap) in enumerate(zip(req.candidates, snapshots, strict=True))]
+        ids = torch.from_numpy(np.stack([r.ids for r in rows]))
+        seqs = torch.from_numpy(np.stack([r.seqs for r in rows]))
+        dense = torch.from_numpy(np.stack([r.dense for r in rows]))
+        t1 = time.perf_counter()
+        n, dev = len(rows), self.device
+        with torch.inference_mode():
+            batch = Batch(ids.to(dev), seqs.to(dev), dense.to(dev), labels=torch.empty(n, 0, device=dev),
+                          user=torch.empty(n, dtype=torch.long, device=dev))
+            probs = torch.sigmoid(serving.model(batch)[0])
+            score = combined_score(probs, self.spec)
+            probs_np, score_np = probs.cpu().numpy(), score.cpu().numpy()
+        return probs_np, score_np, t1 - t0, time.perf_counter() - t1
+
+    async def rank(self, req: RankRequest, serving: Serving) -> dict[str, Any]:
+        ts_ms = req.ts_ms if req.ts_ms is not None else int(time.time() * 1000)
+        if not req.candidates:
+            return {"model_version": serving.version, "results": []}
+        state = self._state
+        assert state is not None, "the scorer's Redis client is opened when the app starts"
+        t0 = time.perf_counter()
+        snapshots = await read_snapshots(state, req.user_id, [(r, a) for r, a, _ in req.candidates], ts_ms)
+        read_s = time.perf_counter() - t0
+        loop = asyncio.get_running_loop()
+        probs, score, assemble_s, forward_s = await loop.run_in_executor(
+            self._infer, self._score, serving, req, ts_ms, snapshots)
+        stage = self.metrics.stage_seconds
+        stage.labels("read").observe(read_s)
+        stage.labels("assemble").observe(assemble_s)
+        stage.labels("forward").observe(forward_s)
+        tasks = [t.name for t in self.spec.tasks]
+        order = np.argsort(-score, kind="stable")  # ties keep request order
+        plist, slist = probs.tolist(), score.tolist()
+        results = [{"room_id": req.candidates[i][0], "score": slist[i],
+                    "scores": dict(zip(tasks, plist[i], strict=True))} for i in order.tolist()]
+        return {"model_version": serving.version, "results": results}
+
+    # ---- HTTP ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _json(obj: Any, status: int = 200) -> web.Response:
+        return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+    async def handle_rank(self, request: web.Request) -> web.Response:
+        t0 = time.perf_counter()
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise BadRequest(413, f"body is {request.content_length} bytes, more than max_body_bytes={limit}")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BadRequest(413, f"body is more than max_body_bytes={limit}") from None
+        req = parse_rank_request(body, self.config.max_candidates)
+        serving = self.serving  # read once: this request finishes on this version whatever swaps meanwhile
+        if serving is None:
+            raise BadRequest(503, self._not_ready())
+        out = await self.rank(req, serving)
+        self.metrics.candidates.inc(len(req.candidates))
+        self.metrics.candidates_per_request.observe(len(req.candidates))
+        self.metrics.request_seconds.observe(time.perf_counter() - t0)
+        return self._json(out)
+
+    def _not_ready(self) -> str:
+        if self.refused:
+            return (f"no model version loaded yet: refused {sorted(self.refused)} "
+                    f"({next(iter(self.refused.values()))}); waiting for a good one in {self.registry}")
+        return f"no model version loaded yet: waiting for one in {self.registry}"
+
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        s = self.serving
+        if s is None:
+            return self._json({"status": "loading", "error": self._not_ready()}, 503)
+        return self._json({"status": "ok", "model_version": s.version})
+
+    async def handle_model(self, request: web.Request) -> web.Response:
+        s = self.serving
+        if s is None:
+            raise BadRequest(503, self._not_ready())
+        m = s.manifest
+        try:
+            pinned = self.registry.pinned()
+        except RegistryError as exc:
+            pinned = f"unreadable: {exc}"
+        return self._json({
+            "model_version": s.version, "kind": m.kind.value, "parent": m.parent, "base": m.base,
+            "loaded_as": s.how, "load_s": round(s.load_s, 4), "created_ms": m.created_ms,
+            "watermark_ms": m.watermark_ms, "served_at_ms": int(s.served_at * 1000),
+            "data_age_s": round(self._data_age(), 3), "samples_trained": m.samples_trained,
+            "arch": m.config.arch.value, "size": m.config.size.value, "pinned": pinned,
+            "refused": {str(v): r for v, r in sorted(self.refused.items())},
+        })
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+        """Every error as JSON ``{"error": ...}``, and every response counted by endpoint and status."""
+        endpoint = request.match_info.route.name or "other"
+        try:
+            response = await handler(request)
+        except BadRequest as exc:
+            response = self._json({"error": exc.message}, exc.status)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = self._json({"error": f"{exc.reason}: {request.method} {request.path}" +
+                                   (f" (allowed: {', '.join(sorted(exc.allowed_methods))})"  # type: ignore[attr-defined]
+                                    if exc.status == 405 else "")}, exc.status)
+        except Exception:
+            log.exception("ranking request failed")
+            response = self._json({"error": "internal error while ranking; see the scorer's log"}, 500)
+        self.metrics.requests.labels(endpoint, str(response.status)).inc()
+        return response
+
+    async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        if self._state is None:
+            self._state = LiveState.from_url(self.config.redis_url, self.config.state)
+        self._watcher = asyncio.create_task(self._watch(), name="zenith-model-watcher")
+        yield
+        self._watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watcher
+        if self._own_state and self._state is not None:
+            await self._state.aclose()
+            self._state = None
+
+    def app(self) -> web.Application:
+        # client_max_size: aiohttp itself refuses bodies over the limit even without a Content-Length.
+        app = web.Application(middlewares=[self._errors], client_max_size=self.config.max_body_bytes)
+        app.router.add_post("/v1/rank", self.handle_rank, name="rank")
+        app.router.add_get("/healthz", self.handle_healthz, name="healthz")
+        app.router.add_get("/v1/model", self.handle_model, name="model")
+        app.router.add_get("/metrics", self.handle_metrics, name="metrics")
+        app.cleanup_ctx.append(self._lifespan)
+        app.on_shutdown.append(self._shutdown_pools)
+        return app
+
+    async def _shutdown_pools(self, app: web.Application) -> None:
+        self._infer.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def run(config: ScorerConfig, on_swap: Callable[[Serving, Serving | None], None] | None = None,
+        on_ready: Callable[[], None] | None = None) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM)."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    scorer = Scorer(config, on_swap=[on_swap] if on_swap else None)
+    app = scorer.app()
+    if on_ready is not None:
+        async def _ready(_: web.Application) -> None:
+            on_ready()
+        app.on_startup.append(_ready)
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None,
+                handle_signals=True)
