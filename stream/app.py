@@ -84,7 +84,7 @@ def create_app(cfg: StreamConfig) -> faust.App:
                         key_type=str, value_type=bytes)
     joiner = LabelJoiner(cfg.window_ms, cfg.lateness_ms)
     holder: dict[str, StreamProcessor] = {}
-    watermark = Watermark(cfg.idle_advance_s)
+    watermark = Watermark(cfg.idle_advance_s, started_wall_s=time.time())
 
     def processor() -> StreamProcessor:
         # Created inside the worker's event loop: redis.asyncio connections bind to the running loop.
@@ -139,6 +139,8 @@ def create_app(cfg: StreamConfig) -> faust.App:
     async def _close_windows() -> None:
         proc = processor()
         now_ms = watermark.current(time.time())
+        if not now_ms:
+            now_ms = watermark.current(time.time(), recovered_ms=proc.newest_pending_ms(pending))
         metrics.WATERMARK.set(now_ms)
         # Bounded per tick so a backlog does not stall the agents for seconds.
         if not now_ms:

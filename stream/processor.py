@@ -77,8 +77,9 @@ class Watermark:
     2000
     """
 
-    def __init__(self, idle_s: float) -> None:
+    def __init__(self, idle_s: float, started_wall_s: float = 0.0) -> None:
         self.idle_s = idle_s
+        self.started_wall_s = started_wall_s
         self._latest: dict[str, tuple[int, float]] = {}  # source -> (newest event ms, wall s when seen)
 
     def expect(self, sources: list[str], wall_s: float) -> None:
@@ -94,7 +95,12 @@ class Watermark:
         prev = self._latest.get(source, (0, 0.0))[0]
         self._latest[source] = (max(prev, ts_ms), wall_s)
 
-    def current(self, wall_s: float) -> int:
+    def current(self, wall_s: float, recovered_ms: int = 0) -> int:
+        """``recovered_ms``: newest event time known from recovered state, for a worker restarted after its
+        input was fully consumed: with nothing delivered it would otherwise never close a window."""
+        if self.idle_s and recovered_ms and not any(ts for ts, _ in self._latest.values()):
+            quiet_s = wall_s - self.started_wall_s
+            return recovered_ms + int(quiet_s * 1000) if quiet_s > self.idle_s else 0
         seen = [(ts, w) for ts, w in self._latest.values() if ts > 0 or self.idle_s]
         if not seen:
             return 0
@@ -145,6 +151,10 @@ class StreamProcessor:
         for user, st in touched.items():
             table[user] = st.encode()
 
+
+    @staticmethod
+    def newest_pending_ms(table: JoinTable) -> int:
+        return max((p.ts_ms for raw in table.values() for p in UserJoinState.decode(raw).pending), default=0)
 
     def due(self, table: JoinTable, watermark_ms: int, limit: int | None = None) -> Due:
         """What closing at ``watermark_ms`` involves: impressions with their labels, and users whose
