@@ -698,8 +698,9 @@ class VersionWriter:
 
     def commit(self, prepared: PreparedVersion) -> Manifest:
         """Write a prepared version durably; returns the stored manifest (checksums filled in)."""
-        manifest = self.registry.publish(prepared.manifest, prepared.files)
-        # created_ms is "when it became visible": what published->served freshness measures from.
+        # created_ms is stamped at write time, not prepare time: published->served freshness measures from it.
+        manifest = replace(prepared.manifest, created_ms=int(time.time() * 1000))
+        manifest = self.registry.publish(manifest, prepared.files)
         self.last = manifest
         self._force_full = False
         self._deltas_since_full = 0 if manifest.kind is VersionKind.FULL else self._deltas_since_full + 1
