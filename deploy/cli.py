@@ -20,6 +20,8 @@ _COMMANDS: list[tuple[str, typer.Typer]] = [
     ("deploy.commands.infra", app),
     ("deploy.commands.workload", app),
     ("deploy.commands.stream_worker", app),
+    ("deploy.commands.training", app),
+    ("deploy.commands.up", app),
     ("deploy.commands.serving", app),
     ("deploy.bench.quality", bench),
     ("deploy.bench.model_speed", bench),
