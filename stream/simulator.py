@@ -117,6 +117,10 @@ class Simulator:
                 + c.w_quality * self.author_quality[author] + c.w_popularity * popularity
                 - c.w_position * position)
 
+    def live_rooms(self) -> list[tuple[str, str, str]]:
+        """(room, author, category) of the rooms live at the simulator's current time."""
+        return [(r.room_id, f"a{r.author}", f"c{self.author_category[r.author]}") for r in self._live.values()]
+
     # ---- the stream ----------------------------------------------------------------------------------
     def events(self, max_impressions: int | None = None, duration_s: float | None = None) -> Iterator[Event]:
         """Yield events in timestamp order until either limit is reached (at least one must be given)."""
