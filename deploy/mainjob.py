@@ -189,7 +189,7 @@ class MainJob:
 
     def _progress(self, t0: float, sc: dict[str, Scrape]) -> Table:
         t = Table(title=f"zenith up - {time.time() - t0:,.0f}s", show_header=False)
-        st, tr, sv = sc.get("stream", Scrape()), sc.get("trainer", Scrape()), sc.get("scorer", Scrape())
+        st, tr = sc.get("stream", Scrape()), sc.get("trainer", Scrape())
         ev = sum(self.state.events.values())
         served = self.state.served[-1][1] if self.state.served else "-"
         rows = [
