@@ -48,6 +48,7 @@ class UpConfig:
     authors: int = 300
     seed: int = 0
     window_s: float = 30.0
+    lateness_s: float = 2.0  # the simulator's topics are produced together: little cross-topic skew
     publish_every_s: float = 5.0
     rank_every_s: float = 0.5
     candidates: int = 100
@@ -115,9 +116,9 @@ class MainJob:
         url = f"http://127.0.0.1:{self.settings.scorer_port}"
         rng = random.Random(self.cfg.seed)
         while not self.stop.wait(self.cfg.rank_every_s):
-            version = _get_json(f"{url}/v1/model")
-            if version and version.get("version") is not None:
-                v = int(version["version"])
+            model = _get_json(f"{url}/v1/model")
+            if model and model.get("model_version") is not None:
+                v = int(model["model_version"])
                 if not self.state.served or self.state.served[-1][1] != v:
                     self.state.served.append((time.time(), v))
             rooms = self.state.live_rooms
@@ -142,7 +143,8 @@ class MainJob:
         logs = Path(s.home) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "REDIS_URL": redis_url,
-               "ZENITH_WINDOW_S": str(c.window_s), "ZENITH_REGISTRY_DIR": str(s.registry)}
+               "ZENITH_WINDOW_S": str(c.window_s), "ZENITH_LATENESS_S": str(c.lateness_s),
+               "ZENITH_REGISTRY_DIR": str(s.registry)}
         console.print(f"[bold]zenith up[/]: Kafka {bootstrap}, Redis {redis_url}, registry {s.registry}, "
                       f"logs in {logs}")
         self._spawn("stream", ["stream", "worker"], env, logs)
