@@ -45,8 +45,10 @@ python-packages:
 test: setup
 	$(PYTHON) -m pytest -q
 
+# e.g. make up UP_ARGS="--duration 300 --requests-per-s 40"
+UP_ARGS ?=
 up: setup
-	$(ZENITH) up
+	$(ZENITH) up $(UP_ARGS)
 
 down:
 	$(ZENITH) infra down
