@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ from model.registry import (
     load_version,
 )
 from model.spec import FeatureSpec
-from state.store import AsOf, LiveState, Snapshot, StateConfig
+from state.store import LiveState, Snapshot, StateConfig
 from stream.features import Candidate, assemble, default_live_spec
 
 log = logging.getLogger("zenith.scorer")
@@ -207,10 +207,7 @@ async def read_snapshots(state: LiveState, user: str, candidates: list[tuple[str
     the state never writes an empty id's keys). tests/test_scorer.py checks the result against full per-candidate
     reads, so a future user-dependent Snapshot field would fail there rather than go silently missing.
     """
-    snaps = await state.read([AsOf(user, "", "", as_of_ms)] + [AsOf("", room, author, as_of_ms)
-                                                               for room, author in candidates])
-    u = snaps[0]
-    return [replace(s, user=u.user, history=u.history) for s in snaps[1:]]
+    return await state.read_for_ranking(user, candidates, as_of_ms)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------

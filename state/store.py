@@ -217,6 +217,41 @@ class LiveState:
         await self._fill_categories(out)
         return out
 
+    async def read_for_ranking(self, user: str, candidates: Sequence[tuple[str, str]], as_of_ms: int
+                               ) -> list[Snapshot]:
+        """``read`` for one user against many (room, author) candidates, with each key read once: the user's
+        3 commands, then 2 per distinct room and 2 per distinct author, in one pipelined round trip.
+        Equal to ``read([AsOf(user, room, author, as_of_ms) ...])`` (tests/test_scorer.py checks it)."""
+        rooms = sorted({r for r, _ in candidates if r})
+        authors = sorted({a for _, a in candidates if a})
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._k("u", user))
+            pipe.zrangebyscore(self._k("u", user, "log"), as_of_ms, "+inf")
+            pipe.zrevrangebyscore(self._k("u", user, "seq"), f"({as_of_ms}", "-inf", start=0,
+                                  num=self.cfg.history_cap, withscores=True)
+            for kind, ids in (("r", rooms), ("a", authors)):
+                for ident in ids:
+                    pipe.hgetall(self._k(kind, ident))
+                    pipe.zrangebyscore(self._k(kind, ident, "log"), as_of_ms, "+inf")
+            raw = await pipe.execute()
+        u, ulog, useq = raw[:3]
+        pairs = iter(zip(raw[3::2], raw[4::2], strict=True))
+        room_part = {}
+        for room in rooms:
+            r, rlog = next(pairs)
+            room_part[room] = (_as_of({k: v for k, v in r.items() if k.decode() not in ROOM_META}, rlog),
+                               {k.decode(): v.decode() for k, v in r.items() if k.decode() in ROOM_META})
+        author_part = {a: _as_of(*next(pairs)) for a in authors}
+        user_vals, history = _as_of(u, ulog), [_history_item(m, sc) for m, sc in useq]
+        probe = Snapshot(as_of_ms, history=history)
+        await self._fill_categories([probe])
+        out = []
+        for room, author in candidates:
+            counters, meta = room_part.get(room, ({}, {}))
+            out.append(Snapshot(as_of_ms=as_of_ms, user=user_vals, history=probe.history, room=counters,
+                                room_meta=meta, author=author_part.get(author, {})))  # shared, read-only
+        return out
+
     async def _fill_categories(self, snaps: list[Snapshot]) -> None:
         """History rooms' categories, looked up at read time in one more round trip. (Resolving them when
         the engagement is written would depend on whether the room's start event was processed first.)"""
