@@ -9,7 +9,6 @@ result is cached under ``<home>/cache`` keyed by source, size, seed and feature-
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from deploy.infra import ephemeral_redis
 from model.batch import SampleArrays
 from model.spec import FeatureSpec, default_live_spec
 from state.store import LiveState
-from stream.events import Event, Impression
+from stream.events import Event
 from stream.join import LabelJoiner
 from stream.offline import build_samples
 from stream.replay import kuairand_events
@@ -37,11 +36,7 @@ def source_events(source: str, n_impressions: int, seed: int) -> tuple[list[Even
     path = Path(source)
     if not path.exists():
         raise SystemExit(f"no such data file: {path} (give a KuaiRand CSV such as ../shared/data/kuairand/*.csv)")
-    events = kuairand_events(path)
-    seen = itertools.count(1)
-    # Keep each impression's engagements: cut on the impression count, drain the rest of its window.
-    kept = [e for e in events if not isinstance(e, Impression) or next(seen) <= n_impressions]
-    return kept, f"kuairand-{path.stem}"
+    return list(kuairand_events(path, limit=n_impressions)), f"kuairand-{path.stem}"
 
 
 def load_samples(source: str = SIM, n_impressions: int = 20_000, seed: int = 0,

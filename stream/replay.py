@@ -21,8 +21,8 @@ REQUIRED = ("user_id", "video_id", "time_ms", "is_click", "is_like", "is_follow"
             "hourmin", "tab")
 
 
-def kuairand_events(path: str | Path) -> Iterator[Event]:
-    """Yield the log's events in timestamp order (ties keep row order)."""
+def kuairand_events(path: str | Path, limit: int | None = None) -> Iterator[Event]:
+    """Yield the log's events in timestamp order (ties keep row order); ``limit``: the first N rows only."""
     seq = itertools.count()
     heap: list[tuple[int, int, Event]] = []
     with open(path, newline="") as f:
@@ -31,6 +31,8 @@ def kuairand_events(path: str | Path) -> Iterator[Event]:
         if missing:
             raise ValueError(f"{path}: not a KuaiRand log, columns {missing} are missing")
         for i, row in enumerate(reader):
+            if limit is not None and i >= limit:
+                break
             ts = int(row["time_ms"])
             while heap and heap[0][0] <= ts:
                 yield heapq.heappop(heap)[2]

@@ -88,16 +88,10 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(None, help="Replay only the first N rows."),
     ) -> None:
         """Replay the public KuaiRand log in time order (impression, then its engagements)."""
-        import itertools
-
-        from stream.events import Impression
         from stream.replay import kuairand_events
 
         with open(path) as f:
             rows = sum(1 for _ in f) - 1
-        events = kuairand_events(path)
         if limit is not None:
-            seen = itertools.count(1)
-            events = (e for e in events if not isinstance(e, Impression) or next(seen) <= limit)
             rows = min(rows, limit)
-        publish(events, rows, speed, "replay")
+        publish(kuairand_events(path, limit), rows, speed, "replay")
