@@ -16,7 +16,8 @@ about Faust, so it is tested directly.
 
 >>> j = LabelJoiner(window_ms=60_000, lateness_ms=0)
 >>> st = UserJoinState()
->>> j.add_impression(st, PendingImpression("i1", "r1", "a1", "c1", 1_000, 20, "ios", "live", 0))
+>>> shown = Candidate("u1", "r1", "a1", "c1", ts_ms=1_000, hour=20, device="ios", tab="live", position=0)
+>>> j.add_impression(st, PendingImpression("i1", shown))
 True
 >>> j.add_engagement(st, HeldEngagement("e1", "r1", "enter", 5_000, 0.0))
 <Attribution.HELD: 'held'>
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from stream.features import Candidate
 from stream.samples import Labels
 
 CLOSED_MEMORY = 64  # closed impressions remembered per user: to spot late engagements and replays
@@ -49,15 +51,18 @@ class Attribution(enum.StrEnum):
 
 @dataclass
 class PendingImpression:
+    """An impression waiting for its window to close, with what its features will be assembled for."""
+
     impression_id: str
-    room: str
-    author: str
-    category: str
-    ts_ms: int
-    hour: int
-    device: str
-    tab: str
-    position: int
+    candidate: Candidate
+
+    @property
+    def room(self) -> str:
+        return self.candidate.room
+
+    @property
+    def ts_ms(self) -> int:
+        return self.candidate.ts_ms
 
 
 @dataclass
@@ -90,8 +95,9 @@ class UserJoinState:
         if not raw:
             return UserJoinState()
         obj = orjson.loads(raw)
-        return UserJoinState([PendingImpression(**p) for p in obj["p"]], [ClosedImpression(**c) for c in obj["c"]],
-                             [HeldEngagement(**h) for h in obj["h"]])
+        pending = [PendingImpression(p["impression_id"], Candidate(**p["candidate"])) for p in obj["p"]]
+        closed = [ClosedImpression(**c) for c in obj["c"]]
+        return UserJoinState(pending, closed, [HeldEngagement(**h) for h in obj["h"]])
 
     def empty(self) -> bool:
         return not self.pending and not self.closed and not self.held

@@ -140,10 +140,10 @@ class StreamProcessor:
             st = touched.get(ev.user_id) or UserJoinState.decode(table.get(ev.user_id))
             touched[ev.user_id] = st
             if isinstance(ev, Impression):
-                self.joiner.add_impression(st, PendingImpression(
-                    ev.event_id, ev.room_id, ev.author_id, ev.category, ev.ts_ms, ev.hour, ev.device, ev.tab,
-                    ev.position,
-                ))
+                self.joiner.add_impression(st, PendingImpression(ev.event_id, Candidate(
+                    user=ev.user_id, room=ev.room_id, author=ev.author_id, category=ev.category, ts_ms=ev.ts_ms,
+                    hour=ev.hour, device=ev.device, tab=ev.tab, position=ev.position,
+                )))
             else:
                 value = ev.watch_seconds if ev.kind is EngagementKind.WATCH else ev.gift_value
                 held = HeldEngagement(ev.event_id, ev.room_id, ev.kind.value, ev.ts_ms, value)
@@ -177,12 +177,12 @@ class StreamProcessor:
         if not due.items:
             return []
         t0 = time.perf_counter()
-        snaps = await self.state.read([AsOf(u, p.room, p.author, p.ts_ms) for u, p, _ in due.items])
+        snaps = await self.state.read([AsOf(u, p.room, p.candidate.author, p.ts_ms) for u, p, _ in due.items])
         metrics.REDIS_LATENCY.labels("read").observe(time.perf_counter() - t0)
         now_ms = int(time.time() * 1000)
         samples = []
         for (user, p, labels), snap in zip(due.items, snaps, strict=True):
-            row = assemble(self.spec, candidate_of(user, p), snap)
+            row = assemble(self.spec, p.candidate, snap)
             value = self.codec.encode(p.impression_id, row, labels, event_ms=p.ts_ms, emitted_ms=now_ms)
             samples.append(OutgoingSample(user.encode(), value, p.impression_id, p.ts_ms, labels.entered))
         return samples
@@ -219,8 +219,3 @@ class StreamProcessor:
             metrics.SAMPLES_OUT.labels(str(s.entered).lower()).inc()
             metrics.EVENT_TO_SAMPLE.observe(max(now_ms - s.event_ms, 0) / 1000)
             metrics.CLOSE_DELAY.observe(max(now_ms - s.event_ms - self.joiner.window_ms, 0) / 1000)
-
-
-def candidate_of(user: str, p: PendingImpression) -> Candidate:
-    return Candidate(user=user, room=p.room, author=p.author, category=p.category, ts_ms=p.ts_ms,
-                     hour=p.hour, device=p.device, tab=p.tab, position=p.position)

@@ -17,7 +17,7 @@ from stream.events import (
     decode_event,
     encode_event,
 )
-from stream.features import FeatureRow
+from stream.features import Candidate, FeatureRow
 from stream.join import Attribution, HeldEngagement, LabelJoiner, PendingImpression, UserJoinState
 from stream.processor import Watermark
 from stream.samples import Labels, SampleCodec, SampleFormatError
@@ -27,7 +27,7 @@ WINDOW = 10_000
 
 
 def imp(i: str, room: str, ts: int) -> PendingImpression:
-    return PendingImpression(i, room, "a1", "c1", ts, 12, "ios", "live", 0)
+    return PendingImpression(i, Candidate("u1", room, "a1", "c1", ts, 12, "ios", "live", 0))
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,8 @@ def test_join_credits_the_latest_impression_regardless_of_arrival_order() -> Non
             else:
                 j.add_engagement(st, x)
         due = j.due(st, watermark_ms=30_000)
-        results.add(tuple(sorted((p.impression_id, lab.entered, lab.watch_s, lab.liked, lab.followed) for p, lab in due)))
+        results.add(tuple(sorted((p.impression_id, lab.entered, lab.watch_s, lab.liked, lab.followed)
+                                 for p, lab in due)))
         assert j.close(st, {p.impression_id for p, _ in due}, watermark_ms=40_000) == 1  # e4 unmatched
     assert results == {(("i1", True, 0.0, False, False), ("i2", True, 40.0, False, False),
                         ("i3", False, 0.0, True, False))}
