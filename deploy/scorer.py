@@ -58,6 +58,7 @@ from model.registry import (
 from model.spec import FeatureSpec
 from state.store import LiveState, Snapshot, StateConfig
 from stream.features import Candidate, assemble, default_live_spec
+from stream.freshness import FRESHNESS_BUCKETS
 
 log = logging.getLogger("zenith.scorer")
 
@@ -211,7 +212,6 @@ async def read_snapshots(state: LiveState, user: str, candidates: list[tuple[str
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------
-FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 180, 300, 600, 1800, 3600)
 
 
 class ScorerMetrics:

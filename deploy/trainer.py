@@ -39,12 +39,12 @@ from model.metrics import MultiTaskMetrics
 from model.registry import LocalDirRegistry, Manifest, VersionWriter, WriterConfig
 from model.spec import FeatureSpec, default_live_spec
 from stream.features import hash_id
+from stream.freshness import FRESHNESS_BUCKETS
 from stream.samples import SampleCodec, SampleFormatError
 from stream.topics import Topics
 
 log = logging.getLogger("zenith.trainer")
 
-FRESH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 SAMPLES = Counter("zenith_trainer_samples_total", "Samples trained on")
 DUPLICATES = Counter("zenith_trainer_duplicate_samples_total", "Samples dropped as repeats of an impression id")
 BAD = Counter("zenith_trainer_bad_records_total", "Records on the samples topic that could not be decoded")
@@ -55,9 +55,9 @@ SAMPLES_PER_S = Gauge("zenith_trainer_samples_per_second", "Training throughput 
 PREQ = Gauge("zenith_trainer_prequential", "Prequential metrics (trailing window)", ["task", "metric"])
 LAG = Gauge("zenith_trainer_consumer_lag", "Samples behind the end of the samples topic")
 SAMPLE_TO_TRAINED = Histogram("zenith_freshness_sample_to_trained_seconds",
-                              "Sample emitted by the stream -> learned by the trainer", buckets=FRESH_BUCKETS)
+                              "Sample emitted by the stream -> learned by the trainer", buckets=FRESHNESS_BUCKETS)
 TRAINED_TO_PUBLISHED = Histogram("zenith_freshness_trained_to_published_seconds",
-                                 "Sample learned -> version containing it durable", buckets=FRESH_BUCKETS)
+                                 "Sample learned -> version containing it durable", buckets=FRESHNESS_BUCKETS)
 
 
 @dataclass(frozen=True)

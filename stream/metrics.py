@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-# Buckets for delays that span "the same second" to "several attribution windows".
-DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 180, 300, 600)
+from stream.freshness import FRESHNESS_BUCKETS
+
+DELAY_BUCKETS = FRESHNESS_BUCKETS
 
 EVENTS_IN = Counter("zenith_stream_events_total", "Events consumed, by type", ["type"])
 DEAD_LETTERS = Counter("zenith_stream_deadletters_total", "Events sent to the dead-letter topic", ["reason"])
