@@ -84,6 +84,8 @@ class EmbeddingTable(nn.Module, abc.ABC):
     def _record(self, rows: torch.Tensor) -> None:
         if self.training and torch.is_grad_enabled():
             self._touched.append(torch.unique(rows.detach().flatten()))
+            if len(self._touched) > 64:  # bounded memory even if nobody collects for a while
+                self._touched = [torch.unique(torch.cat(self._touched))]
 
 
 class HashedEmbedding(EmbeddingTable):

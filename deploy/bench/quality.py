@@ -143,7 +143,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for arch in archs:
         rows = sorted((r for r in result["rows"] if r["arch"] == arch), key=lambda r: r["dense_params"])
         for ax, key in zip(axes, ("dense_params", "flops_per_sample"), strict=True):
-            ax.plot([r[key] for r in rows], [r["logloss"] for r in rows], marker="o", label=arch)
+            ax.errorbar([r[key] for r in rows], [r["logloss"] for r in rows], marker="o", label=arch, capsize=3,
+                        yerr=[r.get("logloss_std", 0.0) for r in rows] if "logloss_std" in rows[0] else None)
             for r in rows:
                 ax.annotate(r["size"], (r[key], r["logloss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for ax, label in zip(axes, ("dense parameters", "forward FLOPs per sample"), strict=True):
@@ -151,7 +152,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel(label)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(f"prequential logloss ({result['main_task']})")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.suptitle(f"Scaling on {result['source']} ({result['samples']} samples)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
