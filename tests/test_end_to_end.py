@@ -83,13 +83,13 @@ def test_killed_trainer_resumes_from_the_newest_version_and_its_offsets(kafka_bo
     env = zenith_env(kafka_bootstrap, "redis://127.0.0.1:1/0", tmp_path)
     topics = Topics(env["ZENITH_TOPIC_PREFIX"])
     ensure_topics(kafka_bootstrap, topics)
-    ids = publish_samples(kafka_bootstrap, topics, 6_000, seed=1)
+    ids = publish_samples(kafka_bootstrap, topics, 12_000, seed=1)
     registry = LocalDirRegistry(tmp_path / "registry")
-    cmd = [sys.executable, "-m", "deploy.cli", "trainer", "--publish-every-s", "1", "--batch-size", "128"]
+    cmd = [sys.executable, "-m", "deploy.cli", "trainer", "--publish-every-s", "0.5", "--batch-size", "128"]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(registry.list_versions()) < 3:
-        time.sleep(0.2)
+    while time.time() < deadline and not registry.list_versions():  # kill right after the first version
+        time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed_at = registry.read_manifest(registry.latest())
