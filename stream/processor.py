@@ -108,11 +108,13 @@ class Watermark:
             return min(ts for ts, _ in seen)
         last_any = max(w for _, w in seen)
         active = [ts for ts, w in seen if last_any - w <= self.idle_s]
-        base = min(active)
-        if not base:
-            return 0  # an assigned partition has not delivered yet
         quiet_s = wall_s - last_any
-        return base + int(quiet_s * 1000) if quiet_s > self.idle_s else base
+        if quiet_s > self.idle_s:
+            # The whole input is quiet: follow the wall clock from the slowest partition that delivered
+            # (a partition that never delivered has nothing to wait for).
+            delivered = [ts for ts in active if ts] or [ts for ts, _ in seen if ts]
+            return min(delivered) + int(quiet_s * 1000) if delivered else 0
+        return min(active)  # 0 while an assigned partition has not delivered yet
 
 
 class StreamProcessor:

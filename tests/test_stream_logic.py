@@ -114,6 +114,15 @@ def test_watermark_is_the_slowest_partition_and_idle_partitions_stop_holding_it(
     assert w.current(wall_s=20) == 60_000 + 11_000  # everything quiet: follow the wall clock
 
 
+def test_watermark_after_a_restart_where_only_some_partitions_deliver() -> None:
+    """A restarted worker whose other partitions were already fully consumed must still close windows."""
+    w = Watermark(idle_s=2)
+    w.expect(["imp/0", "imp/1", "eng/0", "eng/1"], wall_s=0)
+    w.observe("imp/0", 50_000, wall_s=1)
+    assert w.current(wall_s=1.5) == 0  # the others may still deliver
+    assert w.current(wall_s=10) == 50_000 + 9_000  # all quiet since wall 1: time flows from what came
+
+
 def test_sample_codec_round_trip_and_refuses_another_spec() -> None:
     spec = default_live_spec()
     codec = SampleCodec(spec)
