@@ -229,11 +229,11 @@ class MainJob:
         return {
             "duration_s": round(time.time() - t0, 1),
             "events": self.state.events,
-            "samples_emitted": _r(st.value("zenith_stream_samples_total")),
-            "samples_trained": _r(tr.value("zenith_trainer_samples_total")),
-            "duplicates_dropped": _r(tr.value("zenith_trainer_duplicate_samples_total")),
-            "dead_letters": _r(st.value("zenith_stream_deadletters_total")),
-            "late_engagements": _r(st.value("zenith_stream_engagements_total", outcome="late")),
+            "samples_emitted": _count(st.value("zenith_stream_samples_total")),
+            "samples_trained": _count(tr.value("zenith_trainer_samples_total")),
+            "duplicates_dropped": _count(tr.value("zenith_trainer_duplicate_samples_total")),
+            "dead_letters": _count(st.value("zenith_stream_deadletters_total")),
+            "late_engagements": _count(st.value("zenith_stream_engagements_total", outcome="late")),
             "prequential_auc_over_time": auc_curve,
             "freshness": freshness,
             "ranking_latency_ms": {"p50": _r(np.nanpercentile(rank, 50)), "p99": _r(np.nanpercentile(rank, 99)),
@@ -322,6 +322,11 @@ def _post_json(url: str, body: dict) -> dict | None:
 
 def _fmt(x: float, spec: str = ",.0f") -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+
+
+def _count(x: float) -> int:
+    """A counter that has no series yet (e.g. no dead letter so far) counts zero."""
+    return 0 if x is None or np.isnan(x) else int(x)
 
 
 def _r(x: float) -> float | None:
