@@ -91,11 +91,7 @@ class RankMixerRanker(Ranker):
         self.build_heads(self.n_tokens * d)
 
     def body(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        x, per_layer = tokens, []
-        for block in self.blocks:
-            x = block(x)
-            per_layer.append(x)
-        return x.flatten(1), tokens.new_zeros(()), per_layer
+        return run_blocks(self.blocks, tokens)
 
 
 class SharedTransformerBlock(nn.Module):
@@ -124,11 +120,16 @@ class TransformerRanker(Ranker):
         self.build_heads(self.n_tokens * d)
 
     def body(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        x, per_layer = tokens, []
-        for block in self.blocks:
-            x = block(x)
-            per_layer.append(x)
-        return x.flatten(1), tokens.new_zeros(()), per_layer
+        return run_blocks(self.blocks, tokens)
+
+
+def run_blocks(blocks: nn.ModuleList, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """A plain stack of token blocks: flattened output, no auxiliary loss, every layer's tokens."""
+    x, per_layer = tokens, []
+    for block in blocks:
+        x = block(x)
+        per_layer.append(x)
+    return x.flatten(1), tokens.new_zeros(()), per_layer
 
 
 BASELINES: dict[Arch, type[Ranker]] = {
