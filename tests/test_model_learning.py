@@ -11,8 +11,9 @@ import torch
 from model.batch import Batch
 from model.config import Arch, preset
 from model.factory import build_model
-from model.learner import OnlineLearner, run_prequential
+from model.learner import OnlineLearner
 from model.metrics import auc_exact
+from model.prequential import run_prequential
 from model.spec import default_live_spec
 from model.synthetic import SynthConfig, make_synthetic
 

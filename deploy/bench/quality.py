@@ -63,7 +63,8 @@ def run_quality(archs: list[str], sizes: list[str], source: str, n: int, seed: i
     from model.batch import Batch
     from model.config import Arch, Size, preset
     from model.factory import build_model, count_params, flops_per_sample
-    from model.learner import OnlineLearner, run_prequential
+    from model.learner import OnlineLearner
+    from model.prequential import run_prequential
 
     spec, arrays, described = load_stream(source, n, seed)
     dev = torch.device(device)
