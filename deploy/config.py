@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from state.store import StateConfig
 from stream.app import StreamConfig
+from stream.events import EventLimits
+from stream.resilience import Backoff
 from stream.topics import Topics
 
 
@@ -30,6 +32,13 @@ class Settings(BaseSettings):
     idle_advance_s: float = 5.0
     stream_metrics_port: int = 9101
     trainer_metrics_port: int = 9102
+    metrics_host: str = "127.0.0.1"  # where the stream's and trainer's metrics listen; 0.0.0.0 in a container
+    # Validation before anything touches state (stream/events.py EventLimits).
+    max_future_skew_s: float = 300.0  # events further ahead of the wall clock are dead-lettered
+    max_event_lag_s: float = 3600.0  # behind stream time (replays of old logs keep working); 0: off
+    max_event_age_s: float = 0.0  # behind the wall clock, for live-only deployments; 0: off
+    max_message_bytes: int = 64 * 1024
+    retry_max_s: float = 5.0  # longest wait between retries while Redis or Kafka is down
     scorer_port: int = 8080
     scorer_host: str = "127.0.0.1"  # 0.0.0.0 in a container
     scorer_max_candidates: int = 1000  # more in one /v1/rank request -> 413
@@ -59,5 +68,11 @@ class Settings(BaseSettings):
         return StreamConfig(
             bootstrap=bootstrap, redis_url=redis_url, topics=self.topics, partitions=self.partitions,
             window_ms=int(self.window_s * 1000), lateness_ms=int(self.lateness_s * 1000),
-            idle_advance_s=self.idle_advance_s, metrics_port=self.stream_metrics_port, state=StateConfig(),
+            idle_advance_s=self.idle_advance_s, metrics_port=self.stream_metrics_port, metrics_host=self.metrics_host,
+            state=StateConfig(), limits=self.event_limits(), backoff=Backoff(max_s=self.retry_max_s),
         )
+
+    def event_limits(self) -> EventLimits:
+        return EventLimits(max_message_bytes=self.max_message_bytes,
+                           max_future_skew_ms=int(self.max_future_skew_s * 1000),
+                           max_lag_ms=int(self.max_event_lag_s * 1000), max_age_ms=int(self.max_event_age_s * 1000))

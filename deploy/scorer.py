@@ -42,6 +42,9 @@ import orjson
 import torch
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from redis.exceptions import BusyLoadingError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from model.batch import Batch
 from model.ranker import Ranker, combined_score
@@ -76,6 +79,7 @@ class ScorerConfig:
     poll_s: float = 0.5  # registry poll interval (the published -> served delay is at most this + load time)
     device: str = "cpu"
     torch_threads: int | None = None  # None: torch's default
+    health_ping_s: float = 1.0  # /healthz pings the state store at most this often (and waits this long)
     seq_len: int = 20  # the feature spec's sequence length (must match what the model was trained with)
     state: StateConfig = field(default_factory=StateConfig)
 
@@ -232,6 +236,9 @@ class ScorerMetrics:
         self.candidates_per_request = Histogram(
             "zenith_scorer_candidates_per_request", "Candidates per ranking request",
             buckets=(1, 10, 25, 50, 100, 200, 300, 500, 750, 1000, 2000), registry=r)
+        self.state_up = Gauge("zenith_scorer_state_up", "1 while the state store (Redis) answers, else 0",
+                              registry=r)
+        self.state_up.set(1)
         self.model_version = Gauge("zenith_scorer_model_version", "Model version being served (0: none)", registry=r)
         self.load_seconds = Histogram(
             "zenith_scorer_version_load_seconds", "Time to load and verify a new version, by how it was built",
@@ -279,6 +286,8 @@ class Scorer:
         self._refresh_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self._last_error = ""
+        self._state_error: str | None = None  # why the state store last failed; None while it answers
+        self._state_checked = -math.inf
 
     # ---- model versions ------------------------------------------------------------------------------------
     def _data_age(self) -> float:
@@ -422,7 +431,13 @@ class Scorer:
         serving = self.serving  # read once: this request finishes on this version whatever swaps meanwhile
         if serving is None:
             raise BadRequest(503, self._not_ready())
-        out = await self.rank(req, serving)
+        try:
+            out = await self.rank(req, serving)
+        except (RedisConnectionError, RedisTimeoutError, BusyLoadingError) as exc:
+            # The state store is down or restarting: a retryable condition of a dependency, not our bug.
+            self._state_failed(exc)
+            raise BadRequest(503, f"state store unavailable ({type(exc).__name__}: {exc}); retry shortly") from None
+        self._state_ok()
         self.metrics.candidates.inc(len(req.candidates))
         self.metrics.candidates_per_request.observe(len(req.candidates))
         self.metrics.request_seconds.observe(time.perf_counter() - t0)
@@ -434,10 +449,40 @@ class Scorer:
                     f"({next(iter(self.refused.values()))}); waiting for a good one in {self.registry}")
         return f"no model version loaded yet: waiting for one in {self.registry}"
 
+    def _state_failed(self, exc: Exception) -> None:
+        if self._state_error is None:
+            log.error("state store unreachable (%s: %s): answering 503 until it is back", type(exc).__name__, exc)
+        self._state_error = f"{type(exc).__name__}: {exc}"
+        self.metrics.state_up.set(0)
+
+    def _state_ok(self) -> None:
+        if self._state_error is not None:
+            log.warning("state store reachable again")
+        self._state_error = None
+        self.metrics.state_up.set(1)
+
+    async def _check_state(self) -> None:
+        """PING the state store, at most once per ``health_ping_s`` (health checks may come often)."""
+        now = time.monotonic()
+        if now - self._state_checked < self.config.health_ping_s:
+            return
+        self._state_checked = now
+        assert self._state is not None, "the scorer's Redis client is opened when the app starts"
+        try:
+            await asyncio.wait_for(self._state.r.ping(), timeout=self.config.health_ping_s)
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._state_failed(exc)
+        else:
+            self._state_ok()
+
     async def handle_healthz(self, request: web.Request) -> web.Response:
         s = self.serving
         if s is None:
             return self._json({"status": "loading", "error": self._not_ready()}, 503)
+        await self._check_state()
+        if self._state_error is not None:
+            return self._json({"status": "degraded", "model_version": s.version,
+                               "reason": f"state store unreachable: {self._state_error}"}, 503)
         return self._json({"status": "ok", "model_version": s.version})
 
     async def handle_model(self, request: web.Request) -> web.Response:

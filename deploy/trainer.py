@@ -26,10 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import orjson
 import torch
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from model.config import preset
@@ -53,6 +52,9 @@ PUBLISH_S = Histogram("zenith_trainer_publish_seconds", "Time to write a model v
 VERSION = Gauge("zenith_trainer_model_version", "Newest published model version")
 SAMPLES_PER_S = Gauge("zenith_trainer_samples_per_second", "Training throughput over the last publish interval")
 PREQ = Gauge("zenith_trainer_prequential", "Prequential metrics (trailing window)", ["task", "metric"])
+COMMIT_FAILURES = Counter("zenith_trainer_commit_failures_total",
+                          "Offset commits that failed (retried; the version's manifest keeps the offsets)")
+KAFKA_UP = Gauge("zenith_trainer_kafka_up", "1 while offset commits succeed, 0 while the broker is unreachable")
 LAG = Gauge("zenith_trainer_consumer_lag", "Samples behind the end of the samples topic")
 SAMPLE_TO_TRAINED = Histogram("zenith_freshness_sample_to_trained_seconds",
                               "Sample emitted by the stream -> learned by the trainer", buckets=FRESHNESS_BUCKETS)
@@ -74,7 +76,13 @@ class TrainerConfig:
     full_every: int = 20
     dedup_horizon_s: float = 3600.0
     metrics_port: int = 9102
+    metrics_host: str = "127.0.0.1"
     metrics_window: int = 5_000
+    # Samples whose event time is further ahead of the wall clock are refused: a bad clock must not drag
+    # the watermark (and with it the dedup horizon) into the future.
+    max_future_skew_ms: int = 5 * 60_000
+    commit_attempts: int = 5  # per publish; a commit still failing then waits for the next publish
+    retry_max_s: float = 5.0
     device: str | None = None  # None: CUDA when present, else CPU
 
 
@@ -99,6 +107,7 @@ class Trainer:
         self.writer = VersionWriter(self.registry, WriterConfig(full_every=cfg.full_every))
         self.device = torch.device(cfg.device) if cfg.device else default_device()
         self.status = TrainerStatus()
+        self._kafka_down = False
         self._seen: dict[int, int] = {}  # hashed impression id -> event ms (dedup)
         self._offsets: dict[str, int] = {}  # "topic:partition" -> next offset to consume
         resumed = self.writer.load_latest_for_training(spec, self.device)
@@ -141,7 +150,7 @@ class Trainer:
     def run(self, stop: threading.Event, on_publish: Callable[[Manifest], None] | None = None) -> None:
         """Train until ``stop`` is set; publishes a last version on the way out."""
         if self.cfg.metrics_port:
-            start_http_server(self.cfg.metrics_port)
+            start_http_server(self.cfg.metrics_port, addr=self.cfg.metrics_host)
         consumer = self._consumer()
         notifier = Producer({"bootstrap.servers": self.cfg.bootstrap})
         last_publish, since_publish, trained_at = time.time(), 0, []
@@ -186,15 +195,22 @@ class Trainer:
             BAD.inc(len(good))
             log.warning("skipping %s records: %s", len(good), exc)
             return 0
-        keep = np.ones(len(good), dtype=bool)
+        future_ok = decoded.arrays.event_ms <= int(time.time() * 1000) + self.cfg.max_future_skew_ms
+        if not future_ok.all():
+            BAD.inc(int((~future_ok).sum()))
+            log.warning("refusing %s samples with event times more than %ss in the future",
+                        int((~future_ok).sum()), self.cfg.max_future_skew_ms / 1000)
+        keep = future_ok.copy()
         for k, (imp_id, ev_ms) in enumerate(zip(decoded.impression_ids, decoded.arrays.event_ms.tolist(),
                                                 strict=True)):
             h = hash_id("impression", imp_id)
+            if not keep[k]:
+                continue
             if h in self._seen:
                 keep[k] = False
             else:
                 self._seen[h] = ev_ms
-        dupes = int((~keep).sum())
+        dupes = int((future_ok & ~keep).sum())
         DUPLICATES.inc(dupes)
         self.status.duplicates += dupes
         arrays = decoded.arrays[keep]
@@ -231,11 +247,10 @@ class Trainer:
         commit = [TopicPartition(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1]), off)
                   for k, off in self._offsets.items()]
         if commit:
-            consumer.commit(offsets=commit, asynchronous=False)
-        notifier.produce(self.cfg.topics.model_updates, key=b"model", value=orjson.dumps(
+            self._commit(consumer, commit)
+        self._notify(notifier, orjson.dumps(
             {"version": manifest.version, "kind": manifest.kind.value, "created_ms": manifest.created_ms,
              "watermark_ms": manifest.watermark_ms, "registry": str(self.cfg.registry_dir)}))
-        notifier.poll(0)
         VERSION.set(manifest.version)
         SAMPLES_PER_S.set(n / max(seconds, 1e-9))
         self._update_lag(consumer)
@@ -247,6 +262,45 @@ class Trainer:
                  self.status.samples, window.get("auc", float("nan")))
         if on_publish:
             on_publish(manifest)
+
+    def _commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> bool:
+        """Commit with bounded retries. A broker blip must not end the trainer: the version is durable and
+        its manifest holds these offsets (a restart seeks to them), so a commit that still fails is only
+        late -- the next publish commits newer offsets."""
+        delay = 0.1
+        for attempt in range(1, self.cfg.commit_attempts + 1):
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                COMMIT_FAILURES.inc()
+                KAFKA_UP.set(0)
+                self._kafka_down = True
+                log.warning("offset commit failed (attempt %s/%s): %s", attempt, self.cfg.commit_attempts, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, self.cfg.retry_max_s)
+                continue
+            if self._kafka_down:  # back from an outage: say so once
+                log.warning("offset commits succeed again")
+                self._kafka_down = False
+            KAFKA_UP.set(1)
+            return True
+        log.error("offset commit still failing after %s attempts; the next publish retries (the published "
+                  "version's manifest has the offsets, so a restart resumes exactly)", self.cfg.commit_attempts)
+        return False
+
+    def _notify(self, notifier: Producer, value: bytes) -> None:
+        """Tell scorers about a version. Best effort: they also poll the registry, and librdkafka retries
+        delivery while the broker is away; only a full local queue needs handling here."""
+        for _ in range(50):
+            try:
+                notifier.produce(self.cfg.topics.model_updates, key=b"model", value=value)
+                break
+            except BufferError:
+                notifier.poll(0.1)
+            except KafkaException as exc:
+                log.warning("model-update notice not queued: %s", exc)
+                break
+        notifier.poll(0)
 
     def _window_metrics(self) -> dict[str, float]:
         got = self.metrics.get()

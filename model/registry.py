@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 FORMAT = "zenith-version/1"
 MANIFEST = "manifest.json"
 PINNED = "PINNED"
+UNUSABLE_DIR = "UNUSABLE"  # one file per version a reader found unusable (name: the version dir, text: why)
 DENSE_FILE = "dense.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"  # full versions
 ROWS_FILE = "embedding_rows.safetensors"  # delta versions
@@ -235,6 +236,15 @@ class ModelRegistry(abc.ABC):
     @abc.abstractmethod
     def unpin(self) -> None: ...
 
+    def mark_unusable(self, version: int, reason: str) -> None:
+        """Record that a reader refused ``version`` (the trainer then writes a full snapshot, so the chain
+        heals). A registry that cannot record it simply does nothing."""
+        return None
+
+    def unusable(self) -> dict[int, str]:
+        """Versions readers refused, with why."""
+        return {}
+
     # -- built on them --
     def latest(self) -> int | None:
         """The newest complete version, or None when there is none."""
@@ -391,6 +401,28 @@ class LocalDirRegistry(ModelRegistry):
             (self.root / PINNED).unlink()
             _fsync_dir(self.root)
 
+    def mark_unusable(self, version: int, reason: str) -> None:
+        folder = self.root / UNUSABLE_DIR
+        folder.mkdir(exist_ok=True)
+        target = folder / version_dir_name(version)
+        if target.exists():
+            return
+        tmp = folder / f"{_TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
+        _write_durable(tmp, reason.encode()[:4096])
+        os.replace(tmp, target)
+
+    def unusable(self) -> dict[int, str]:
+        folder = self.root / UNUSABLE_DIR
+        if not folder.is_dir():
+            return {}
+        out = {}
+        for entry in folder.iterdir():
+            m = _VERSION_DIR.match(entry.name)
+            if m:
+                with contextlib.suppress(OSError):
+                    out[int(m.group(1))] = entry.read_text(errors="replace")
+        return out
+
     def size_bytes(self, version: int) -> int:
         return sum(p.stat().st_size for p in self._dir(version).iterdir() if p.is_file())
 
@@ -422,6 +454,10 @@ class LocalDirRegistry(ModelRegistry):
         doomed = [v for v in versions if v not in keep]
         for v in doomed:
             self.delete_version(v)
+        for v in self.unusable():
+            if v < fulls[-1] and v not in keep:
+                with contextlib.suppress(OSError):
+                    (self.root / UNUSABLE_DIR / version_dir_name(v)).unlink()
         return doomed
 
 
@@ -608,6 +644,50 @@ def load_trainer_state(registry: ModelRegistry, manifest: Manifest) -> dict[str,
     return registry.load_tensors(manifest, TRAINER_FILE)
 
 
+def verify_files(registry: ModelRegistry, manifest: Manifest) -> None:
+    """Every file of this one version (not its chain) against its manifest's checksums; ``CorruptVersion``."""
+    for name in manifest.files:
+        registry.load_file(manifest, name)
+
+
+def newest_verifiable(registry: ModelRegistry, spec: FeatureSpec, refused: dict[int, str],
+                      verified: set[int] | None = None) -> int | None:
+    """The newest version whose whole chain verifies (manifests, checksums, spec), walking back from the
+    latest; None if there is none. Every version found unusable on the way is added to ``refused``
+    (version -> reason), and a version whose chain holds a refused member is skipped without reading its
+    files, so deltas that do not depend on a refused member stay eligible. ``verified``: versions already
+    known good (filled in too). A fresh scorer uses this instead of refusing to serve when the latest is bad.
+    """
+    verified = set() if verified is None else verified
+    for v in reversed(registry.list_versions()):
+        if v in refused:
+            continue
+        try:
+            chain = registry.chain(v)
+        except VersionNotFound:
+            continue  # pruned meanwhile
+        except CorruptVersion as exc:
+            refused[v] = exc.reason
+            continue
+        bad = next((m.version for m in chain if m.version in refused), None)
+        if bad is not None:
+            refused[v] = f"its delta chain needs version {bad}, which is unusable ({refused[bad]})"
+            continue
+        try:
+            for m in chain:
+                _check_compatible(m, spec, chain[-1].config)
+                if m.version not in verified:
+                    verify_files(registry, m)
+                    verified.add(m.version)
+        except CorruptVersion as exc:
+            refused.setdefault(exc.version, exc.reason)
+            if exc.version != v:
+                refused[v] = f"its delta chain needs version {exc.version}, which is unusable ({exc.reason})"
+            continue
+        return v
+    return None
+
+
 # ---- writing: the trainer -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WriterConfig:
@@ -661,7 +741,7 @@ class VersionWriter:
         last = self.last
         n_touched = sum(len(r) for r in touched.values())
         n_rows = sum(t.num_rows for t in tables.values())
-        want_full = (full or self._force_full or last is None
+        want_full = (full or self._force_full or last is None or self._chain_refused(last)
                      or self._deltas_since_full + 1 >= self.config.full_every
                      or last.config != config or last.spec_fingerprint != spec.fingerprint()
                      or n_touched > self.config.delta_max_fraction * n_rows)
@@ -695,6 +775,19 @@ class VersionWriter:
         # Until commit succeeds the writer must assume the rows just cleared are not published anywhere.
         self._force_full = True
         return PreparedVersion(manifest, files)
+
+    def _chain_refused(self, last: Manifest) -> bool:
+        """A reader refused a member of the chain the next delta would extend: write full so it heals."""
+        try:
+            refused = self.registry.unusable()
+        except OSError:
+            return False
+        base = last.base if last.base is not None else last.version
+        hit = sorted(v for v in refused if base <= v <= last.version)
+        if hit:
+            log.warning("version(s) %s of the current chain were found unusable (%s): writing a full snapshot",
+                        hit, refused[hit[0]][:200])
+        return bool(hit)
 
     def commit(self, prepared: PreparedVersion) -> Manifest:
         """Write a prepared version durably; returns the stored manifest (checksums filled in)."""

@@ -41,6 +41,9 @@ class StateConfig:
     author_ttl_s: int = 30 * 24 * 3600
     asof_keep_ms: int = 3600 * 1000
     history_cap: int = 64  # user sequence entries kept (enters and watches)
+    # A dead server must fail a call fast (callers retry or answer 503), not hang it.
+    socket_timeout_s: float = 5.0
+    connect_timeout_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,9 @@ class LiveState:
 
     @classmethod
     def from_url(cls, url: str, config: StateConfig | None = None) -> LiveState:
-        return cls(aioredis.from_url(url), config)
+        config = config or StateConfig()
+        return cls(aioredis.from_url(url, socket_timeout=config.socket_timeout_s,
+                                     socket_connect_timeout=config.connect_timeout_s), config)
 
     async def aclose(self) -> None:
         await self.r.aclose()

@@ -30,12 +30,16 @@ from prometheus_client import start_http_server
 from model.spec import default_live_spec
 from state.store import LiveState, StateConfig
 from stream import metrics
-from stream.events import MalformedEvent, decode_event
+from stream.events import EventLimits, MalformedEvent, decode_event
 from stream.join import LabelJoiner
 from stream.processor import StreamProcessor, Watermark
+from stream.resilience import Backoff, Guard
 from stream.topics import Topics, ensure_topics
 
 log = logging.getLogger("zenith.stream")
+
+MAX_REASON_CHARS = 1024
+DEAD_LETTER_COPY_BYTES = 4096  # what an oversized record's dead letter keeps of it
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,10 @@ class StreamConfig:
     # its windows. 0 disables it (pure event time, e.g. for replays of old logs).
     idle_advance_s: float = 5.0
     metrics_port: int = 9101
+    metrics_host: str = "127.0.0.1"
     state: StateConfig = field(default_factory=StateConfig)
+    limits: EventLimits = field(default_factory=EventLimits)
+    backoff: Backoff = field(default_factory=Backoff)
 
 
 def create_app(cfg: StreamConfig) -> faust.App:
@@ -83,6 +90,8 @@ def create_app(cfg: StreamConfig) -> faust.App:
     pending = app.Table("pending", default=None, use_partitioner=True, partitions=cfg.partitions,
                         key_type=str, value_type=bytes)
     joiner = LabelJoiner(cfg.window_ms, cfg.lateness_ms)
+    user_topic_names = {topics.impression, topics.engagement}
+    input_topic_names = user_topic_names | {topics.live}
     holder: dict[str, StreamProcessor] = {}
     watermark = Watermark(cfg.idle_advance_s, started_wall_s=time.time())
 
@@ -92,49 +101,83 @@ def create_app(cfg: StreamConfig) -> faust.App:
             holder["p"] = StreamProcessor(LiveState.from_url(cfg.redis_url, cfg.state), default_live_spec(), joiner)
         return holder["p"]
 
-    async def decode_batch(events: list[faust.EventT], *, tracks_time: bool) -> list:
-        good = []
-        now = time.time()
-        for ev in events:
+    paused: set = set()
+
+    def pause_input() -> None:
+        # Stop fetching while a dependency is down; the blocked agent holds what it already has.
+        assigned = {tp for tp in app.consumer.assignment() if tp.topic in input_topic_names}
+        app.consumer.pause_partitions(assigned)
+        paused.update(assigned)
+
+    def resume_input() -> None:
+        # Only partitions still ours: a rebalance during the outage may have moved some away.
+        back = paused & set(app.consumer.assignment())
+        app.consumer.resume_partitions(back)
+        paused.clear()
+        watermark.touch(time.time())
+
+    guard = Guard(cfg.backoff, pause=pause_input, resume=resume_input)
+
+    async def handle_batch(batch: list[faust.EventT], *, tracks_time: bool) -> None:
+        """Validate, dead-letter the rejects, apply the rest; returns only when every effect is done.
+
+        Each step is retried by the guard until it succeeds, so Faust acknowledges the batch (when the agent
+        body ends) only after its effects exist. Stream time moves only for accepted, applied events.
+        """
+        now_s = time.time()
+        stream_ms = watermark.current(now_s) if tracks_time else 0
+        good, seen = [], []
+        for ev in batch:
             try:
-                good.append(decode_event(ev.value))
+                good.append(decode_event(ev.value, cfg.limits, now_ms=int(now_s * 1000), stream_ms=stream_ms))
             except MalformedEvent as exc:
-                await dead_letter(ev.message, str(exc))
+                await guard.run(lambda m=ev.message, r=str(exc): dead_letter(m, r), "sending a dead letter")
                 continue
-            if tracks_time:
-                watermark.observe(f"{ev.message.topic}/{ev.message.partition}", good[-1].ts_ms, now)
-        return good
+            seen.append((f"{ev.message.topic}/{ev.message.partition}", good[-1].ts_ms))
+        if not good:
+            return
+        proc = processor()
+        if tracks_time:
+            await guard.run(lambda: proc.apply_state(good), "writing state to Redis")
+            proc.join(good, pending)  # in memory (the table's changelog is Faust's to deliver)
+            for source, ts_ms in seen:
+                watermark.observe(source, ts_ms, now_s)
+        else:
+            await guard.run(lambda: proc.apply_state(good), "writing room state to Redis")
 
     async def dead_letter(message: faust.types.tuples.Message, reason: str) -> None:
         kind = reason.split(":", 1)[0][:40]
-        metrics.DEAD_LETTERS.labels(kind).inc()
-        headers = {"x-reason": reason.encode(), "x-source-topic": message.topic.encode(),
+        value, key = message.value or b"", message.key or b""
+        headers = {"x-reason": reason[:MAX_REASON_CHARS].encode(), "x-source-topic": message.topic.encode(),
                    "x-source-partition": str(message.partition).encode(),
-                   "x-source-offset": str(message.offset).encode()}
-        fut = await deadletter_topic.send(key=message.key, value=message.value, headers=headers)
-        await fut  # the original bytes are safe before the offset can be committed
-        log.warning("dead letter from %s@%s: %s", message.topic, message.offset, reason)
+                   "x-source-offset": str(message.offset).encode(), "x-original-bytes": str(len(value)).encode()}
+        if len(value) > cfg.limits.max_message_bytes or len(key) > cfg.limits.max_id_chars * 4:
+            # The whole record may not even fit the producer's limit: keep a truncated copy and say so.
+            value, key = value[:DEAD_LETTER_COPY_BYTES], key[:DEAD_LETTER_COPY_BYTES]
+            headers["x-truncated"] = b"true"
+        fut = await deadletter_topic.send(key=key, value=value, headers=headers)
+        await fut  # the bytes are safe before the offset can be committed
+        metrics.DEAD_LETTERS.labels(kind).inc()
+        log.warning("dead letter from %s/%s@%s: %s", message.topic, message.partition, message.offset,
+                    reason[:300])
 
     @app.agent(user_topic)
     async def user_events(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
-            events = await decode_batch(batch, tracks_time=True)
-            if events:
-                await processor().on_events(events, pending)
+            await handle_batch(batch, tracks_time=True)
 
     @app.agent(live_topic)
     async def live_events(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
-            events = await decode_batch(batch, tracks_time=False)
-            if events:
-                await processor().apply_state(events)
+            await handle_batch(batch, tracks_time=False)
 
     @app.timer(cfg.close_interval_s)
     async def close_windows() -> None:
-        try:
-            await _close_windows()
-        except Exception:  # a timer that raises stops silently in Faust: log it and try next tick
-            log.exception("closing attribution windows failed; retrying next tick")
+        if guard.outage:
+            return  # an agent is waiting for a dependency: let it finish first
+        # A timer that raises stops silently in Faust; the guard retries instead. Nothing can be lost
+        # meanwhile: the join state forgets impressions only after their samples are acknowledged.
+        await guard.run(_close_windows, "closing attribution windows")
 
     async def _close_windows() -> None:
         proc = processor()
@@ -154,7 +197,6 @@ def create_app(cfg: StreamConfig) -> faust.App:
         proc.commit_closed(pending, due, now_ms)
         proc.observe_emitted(samples)
 
-    user_topic_names = {topics.impression, topics.engagement}
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app: faust.App, assigned: set, **kwargs: object) -> None:
@@ -168,7 +210,7 @@ def create_app(cfg: StreamConfig) -> faust.App:
     @app.task
     async def on_start() -> None:
         if cfg.metrics_port:
-            start_http_server(cfg.metrics_port)
+            start_http_server(cfg.metrics_port, addr=cfg.metrics_host)
         log.info("stream worker up: window=%ss, topics %s", cfg.window_ms / 1000, topics.all())
 
     return app

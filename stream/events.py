@@ -17,6 +17,9 @@ stream.events.MalformedEvent: engagement: missing field 'user_id'
 from __future__ import annotations
 
 import enum
+import math
+import re
+import time
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -91,8 +94,46 @@ class LiveEvent:
 Event = Impression | Engagement | LiveEvent
 _BY_TYPE: dict[str, type] = {c.TYPE: c for c in (Impression, Engagement, LiveEvent)}
 _ENUMS: dict[str, type[enum.Enum]] = {"kind": EngagementKind, "action": LiveAction}
-_MAX_ID_LEN = 128
 _MIN_TS_MS = 946_684_800_000  # 2000-01-01: older timestamps are unit mistakes (seconds, not ms)
+_IDS = frozenset({"event_id", "request_id", "user_id", "room_id", "author_id"})
+_REQUIRED_NON_EMPTY = frozenset({"event_id", "user_id", "room_id"})
+_FREE_TEXT = frozenset({"title"})
+# Ids become Redis key parts and '|'-separated log members (state/store.py): no separators, no whitespace.
+_ID_CHARS = re.compile(r"[^|\s\x00-\x1f\x7f]*")
+_TEXT_CHARS = re.compile(r"[^|\x00-\x1f\x7f]*")
+
+
+@dataclass(frozen=True)
+class EventLimits:
+    """Bounds an event must keep before it may touch state (checked in ``decode_event``).
+
+    Why each exists: a far-future time trims the point-in-time logs and drags stream time and the trainer's
+    watermark with it; an event far behind stream time lands in windows that closed long ago; oversized
+    strings and payloads cost memory everywhere downstream and cannot even be dead-lettered whole.
+    """
+
+    max_message_bytes: int = 64 * 1024
+    max_id_chars: int = 128
+    max_text_chars: int = 256  # titles and short labels (device, tab, category)
+    max_future_skew_ms: int = 5 * 60_000  # ahead of this process's wall clock
+    # Behind *stream time* (the worker's watermark), so replays of old logs keep working: their stream
+    # time is the log's own. 0 disables it. Default: the point-in-time logs' horizon (StateConfig.asof_keep_ms).
+    max_lag_ms: int = 3_600_000
+    # Behind the wall clock; for live-only deployments. 0 (default) disables it, so old logs can be replayed.
+    max_age_ms: int = 0
+    max_position: int = 10_000
+    max_watch_s: float = 86_400.0
+    max_gift_value: float = 1e9
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_bytes", "max_id_chars", "max_text_chars", "max_future_skew_ms"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EventLimits.{name} must be positive, got {getattr(self, name)}")
+        if self.max_lag_ms < 0 or self.max_age_ms < 0:
+            raise ValueError("EventLimits.max_lag_ms and max_age_ms must be >= 0 (0 disables them)")
+
+
+DEFAULT_LIMITS = EventLimits()
 
 
 def encode_event(event: Event) -> bytes:
@@ -100,8 +141,17 @@ def encode_event(event: Event) -> bytes:
     return orjson.dumps(body)
 
 
-def decode_event(raw: bytes | str) -> Event:
-    """Parse and validate one event; raise ``MalformedEvent`` with the reason."""
+def decode_event(raw: bytes | str | None, limits: EventLimits = DEFAULT_LIMITS, *, now_ms: int | None = None,
+                 stream_ms: int = 0) -> Event:
+    """Parse and validate one event; raise ``MalformedEvent`` with the reason.
+
+    ``now_ms``: the wall clock (default: now) for the future-skew and age bounds; ``stream_ms``: the
+    consumer's stream time for the lag bound (0: unknown, not checked).
+    """
+    if raw is None or len(raw) == 0:
+        raise MalformedEvent("empty: the message has no value")
+    if len(raw) > limits.max_message_bytes:
+        raise MalformedEvent(f"oversized: {len(raw)} bytes > max_message_bytes={limits.max_message_bytes}")
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -109,14 +159,34 @@ def decode_event(raw: bytes | str) -> Event:
     if not isinstance(obj, dict):
         raise MalformedEvent(f"expected a JSON object, got {type(obj).__name__}")
     if obj.get("v") != SCHEMA_VERSION:
-        raise MalformedEvent(f"unsupported schema version {obj.get('v')!r} (this build reads v{SCHEMA_VERSION})")
-    cls = _BY_TYPE.get(obj.get("type"))  # type: ignore[arg-type]
+        raise MalformedEvent(f"unsupported schema version {_short(obj.get('v'))} (this build reads v{SCHEMA_VERSION})")
+    kind = obj.get("type")
+    cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise MalformedEvent(f"unknown event type {obj.get('type')!r}; expected one of {sorted(_BY_TYPE)}")
-    return cls(**{f.name: _field(cls.TYPE, f, obj) for f in fields(cls)})
+        raise MalformedEvent(f"unknown event type {_short(kind)}; expected one of {sorted(_BY_TYPE)}")
+    event = cls(**{f.name: _field(cls.TYPE, f, obj, limits) for f in fields(cls)})
+    _check_time(cls.TYPE, event.ts_ms, limits, int(time.time() * 1000) if now_ms is None else now_ms, stream_ms)
+    return event
 
 
-def _field(type_name: str, f: Any, obj: dict) -> Any:
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _check_time(type_name: str, ts_ms: int, limits: EventLimits, now_ms: int, stream_ms: int) -> None:
+    if ts_ms > now_ms + limits.max_future_skew_ms:
+        raise MalformedEvent(f"{type_name}: ts_ms={ts_ms} is {(ts_ms - now_ms) / 1000:.0f}s in the future "
+                             f"(max_future_skew_ms={limits.max_future_skew_ms})")
+    if limits.max_age_ms and ts_ms < now_ms - limits.max_age_ms:
+        raise MalformedEvent(f"{type_name}: ts_ms={ts_ms} is {(now_ms - ts_ms) / 1000:.0f}s old "
+                             f"(max_age_ms={limits.max_age_ms})")
+    if limits.max_lag_ms and stream_ms and ts_ms < stream_ms - limits.max_lag_ms:
+        raise MalformedEvent(f"{type_name}: ts_ms={ts_ms} is {(stream_ms - ts_ms) / 1000:.0f}s behind stream time "
+                             f"{stream_ms} (max_lag_ms={limits.max_lag_ms})")
+
+
+def _field(type_name: str, f: Any, obj: dict, limits: EventLimits) -> Any:
     if f.name not in obj:
         if f.default is not MISSING:
             return f.default
@@ -125,28 +195,47 @@ def _field(type_name: str, f: Any, obj: dict) -> Any:
     if f.name in _ENUMS:
         try:
             return _ENUMS[f.name](value)
-        except ValueError:
+        except (ValueError, TypeError):
             allowed = [e.value for e in _ENUMS[f.name]]
-            raise MalformedEvent(f"{type_name}: {f.name}={value!r} is not one of {allowed}") from None
+            raise MalformedEvent(f"{type_name}: {f.name}={_short(value)} is not one of {allowed}") from None
     expected = f.type if isinstance(f.type, str) else f.type.__name__
     if expected == "str":
-        if not isinstance(value, str) or len(value) > _MAX_ID_LEN:
-            raise MalformedEvent(f"{type_name}: {f.name} must be a string of at most {_MAX_ID_LEN} chars")
-        if f.name in ("event_id", "user_id", "room_id") and not value:
-            raise MalformedEvent(f"{type_name}: {f.name} must not be empty")
-        return value
+        return _string(type_name, f.name, value, limits)
     if expected == "int":
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise MalformedEvent(f"{type_name}: {f.name} must be an integer, got {value!r}")
-        if f.name == "ts_ms" and value < _MIN_TS_MS:
-            raise MalformedEvent(f"{type_name}: ts_ms={value} is before 2000; send epoch milliseconds")
-        if f.name == "hour" and not 0 <= value <= 23:
-            raise MalformedEvent(f"{type_name}: hour={value} must be in 0..23")
-        if f.name == "position" and value < 0:
-            raise MalformedEvent(f"{type_name}: position must be >= 0")
-        return value
+        return _integer(type_name, f.name, value, limits)
     if expected == "float":
-        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0 or value != value:
-            raise MalformedEvent(f"{type_name}: {f.name} must be a non-negative number, got {value!r}")
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise MalformedEvent(f"{type_name}: {f.name} must be a finite non-negative number, got {_short(value)}")
+        cap = limits.max_watch_s if f.name == "watch_seconds" else limits.max_gift_value
+        if value > cap:
+            raise MalformedEvent(f"{type_name}: {f.name}={value} is more than {cap}")
         return float(value)
     raise AssertionError(f"unhandled field type {expected} for {f.name}")  # a new field needs a rule here
+
+
+def _string(type_name: str, name: str, value: Any, limits: EventLimits) -> str:
+    if not isinstance(value, str):
+        raise MalformedEvent(f"{type_name}: {name} must be a string, got {_short(value)}")
+    is_id = name in _IDS
+    cap = limits.max_id_chars if is_id else limits.max_text_chars
+    if len(value) > cap:
+        raise MalformedEvent(f"{type_name}: {name} is {len(value)} chars, more than {cap}")
+    if name in _REQUIRED_NON_EMPTY and not value:
+        raise MalformedEvent(f"{type_name}: {name} must not be empty")
+    allowed = _TEXT_CHARS if name in _FREE_TEXT else _ID_CHARS
+    if not allowed.fullmatch(value):
+        what = "'|' or control characters" if name in _FREE_TEXT else "'|', whitespace or control characters"
+        raise MalformedEvent(f"{type_name}: {name} must not contain {what}, got {_short(value)}")
+    return value
+
+
+def _integer(type_name: str, name: str, value: Any, limits: EventLimits) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MalformedEvent(f"{type_name}: {name} must be an integer, got {_short(value)}")
+    if name == "ts_ms" and value < _MIN_TS_MS:
+        raise MalformedEvent(f"{type_name}: ts_ms={value} is before 2000; send epoch milliseconds")
+    if name == "hour" and not 0 <= value <= 23:
+        raise MalformedEvent(f"{type_name}: hour={value} must be in 0..23")
+    if name == "position" and not 0 <= value <= limits.max_position:
+        raise MalformedEvent(f"{type_name}: position={value} must be in 0..{limits.max_position}")
+    return value

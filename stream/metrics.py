@@ -29,3 +29,11 @@ REDIS_LATENCY = Histogram(
     "zenith_stream_redis_seconds", "Redis round trip per pipelined batch", ["op"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
 )
+DEPENDENCY_UP = Gauge("zenith_stream_dependency_up",
+                      "1 while the dependency answers, 0 during an outage (the stream then holds its input)",
+                      ["dependency"])
+OUTAGES = Counter("zenith_stream_outages_total", "Outages of a dependency seen by the stream", ["dependency"])
+OUTAGE_SECONDS = Counter("zenith_stream_outage_seconds_total", "Seconds spent waiting for a dependency",
+                         ["dependency"])
+DEPENDENCY_RETRIES = Counter("zenith_stream_dependency_retries_total", "Failed attempts that were retried",
+                             ["dependency"])

@@ -91,6 +91,11 @@ class Watermark:
         for src in sources:
             self._latest.pop(src, None)
 
+    def touch(self, wall_s: float) -> None:
+        """After an outage: the input was held, not quiet, so no partition counts as idle from it."""
+        self._latest = {src: (ts, max(w, wall_s)) for src, (ts, w) in self._latest.items()}
+        self.started_wall_s = max(self.started_wall_s, wall_s)
+
     def observe(self, source: str, ts_ms: int, wall_s: float) -> None:
         prev = self._latest.get(source, (0, 0.0))[0]
         self._latest[source] = (max(prev, ts_ms), wall_s)
@@ -135,6 +140,10 @@ class StreamProcessor:
     async def on_events(self, events: list[Event], table: JoinTable) -> None:
         """State first (so engagements count even when unattributed), then the label join."""
         await self.apply_state(events)
+        self.join(events, table)
+
+    def join(self, events: list[Event], table: JoinTable) -> None:
+        """The label-join part of ``on_events``: in memory, so it cannot fail half way on a dependency."""
         touched: dict[str, UserJoinState] = {}
         for ev in events:
             if isinstance(ev, LiveEvent):
@@ -152,7 +161,6 @@ class StreamProcessor:
                 metrics.ENGAGEMENTS.labels(self.joiner.add_engagement(st, held).value).inc()
         for user, st in touched.items():
             table[user] = st.encode()
-
 
     @staticmethod
     def newest_pending_ms(table: JoinTable) -> int:

@@ -44,7 +44,7 @@ def imp(i: str, room: str, ts: int) -> PendingImpression:
         (b'{"v": 1, "type": "engagement", "event_id": "e", "user_id": "", "room_id": "r", "kind": "enter",'
          b' "ts_ms": 1700000000000}', "user_id must not be empty"),
         (b'{"v": 1, "type": "engagement", "event_id": "e", "user_id": "u", "room_id": "r", "kind": "watch",'
-         b' "ts_ms": 1700000000000, "watch_seconds": -3}', "watch_seconds must be a non-negative number"),
+         b' "ts_ms": 1700000000000, "watch_seconds": -3}', "watch_seconds must be a finite non-negative number"),
     ],
 )
 def test_malformed_events_are_rejected_with_a_reason(raw: bytes, reason: str) -> None:
