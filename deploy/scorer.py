@@ -57,6 +57,7 @@ from model.registry import (
     VersionNotFound,
     apply_version,
     load_version,
+    newest_verifiable,
 )
 from model.spec import FeatureSpec
 from state.store import LiveState, Snapshot, StateConfig
@@ -280,6 +281,7 @@ class Scorer:
         self.on_swap = list(on_swap or [])
         self.serving: Serving | None = None  # THE swap point: replaced whole, never mutated
         self.refused: dict[int, str] = {}  # version -> reason; never retried
+        self._verified: set[int] = set()  # versions whose files verified (walk-back cache)
         self._state, self._own_state = state, state is None
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="zenith-infer")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="zenith-loader")
@@ -321,6 +323,15 @@ class Scorer:
             loop = asyncio.get_running_loop()
             target = await loop.run_in_executor(self._loader, self.registry.target)
             current = self.serving
+            if current is None and target is not None and await loop.run_in_executor(
+                    self._loader, self.registry.pinned) is None:
+                # Nothing served yet: start on the newest version that verifies, walking back the chain,
+                # rather than waiting (up to a whole chain) for a good full snapshot after a bad latest.
+                before = dict(self.refused)
+                target = await loop.run_in_executor(self._loader, newest_verifiable, self.registry, self.spec,
+                                                    self.refused, self._verified)
+                for version in sorted(set(self.refused) - set(before)):
+                    self._refuse(version, self.refused[version], current)
             if target is None or target in self.refused or (current is not None and current.version == target):
                 return None
             try:
@@ -330,9 +341,7 @@ class Scorer:
                     log.info("version %s vanished while loading (pruned?): %s", target, exc.reason)
                     return None  # not corrupt, just gone: the next poll looks again
                 self.refused[target] = exc.reason
-                self.metrics.refused.inc()
-                log.error("refused model version %s: %s; still serving %s", target, exc.reason,
-                          current.version if current else "nothing")
+                self._refuse(target, exc.reason, current)
                 return None
             except VersionNotFound as exc:  # pruned between listing and reading: the next poll sees newer
                 log.info("%s", exc)
@@ -352,6 +361,16 @@ class Scorer:
                 except Exception:  # a logging hook must never break the watcher
                     log.exception("on_swap callback failed")
             return serving
+
+    def _refuse(self, version: int, reason: str, current: Serving | None) -> None:
+        """Count and log a refused version, and record it in the registry so the trainer heals the chain."""
+        self.metrics.refused.inc()
+        log.error("refused model version %s: %s; still serving %s", version, reason,
+                  current.version if current else "nothing")
+        try:
+            self.registry.mark_unusable(version, reason)
+        except OSError as exc:  # a read-only registry mount: the refusal still holds here
+            log.warning("could not record version %s as unusable in the registry: %s", version, exc)
 
     async def _watch(self) -> None:
         while True:

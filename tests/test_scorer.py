@@ -278,15 +278,95 @@ def test_a_corrupt_version_is_refused_and_serving_continues(tmp_path: Path, redi
         info = await (await client.get("/v1/model")).json()
         assert info["model_version"] == 1 and "checksum" in info["refused"]["2"]
 
-        _publish(writer, learner, step=2)  # a delta on the corrupt v2: refused too
-        await _until(lambda: 3 in scorer.refused, what="refusal of version 3")
-        assert "chain member" in scorer.refused[3]
-        _publish(writer, learner, step=3, full=True)  # the trainer's next full snapshot heals it
-        await _until(lambda: scorer.serving.version == 4, what="version 4")
+        # The refusal is recorded in the registry, so the trainer's next version is a full snapshot (not a
+        # delta on the corrupt v2) and the chain heals at once.
+        assert 2 in h.registry.unusable()
+        healed = _publish(writer, learner, step=2)
+        assert healed.kind.value == "full"
+        await _until(lambda: scorer.serving.version == 3, what="version 3")
         resp = await client.post("/v1/rank", json=_request(10))
-        assert resp.status == 200 and (await resp.json())["model_version"] == 4
-        expected, _ = load_version(h.registry, 4, SPEC)
+        assert resp.status == 200 and (await resp.json())["model_version"] == 3
+        expected, _ = load_version(h.registry, 3, SPEC)
         eval_batch = Batch.from_arrays(DATA[900:])
         assert torch.equal(scorer.serving.model.predict(eval_batch), expected.predict(eval_batch))
 
     asyncio.run(h.run(body))
+
+
+def _damage(registry: LocalDirRegistry, version: int) -> None:
+    path = registry.root / f"v{version:08d}" / ROWS_FILE
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_fresh_scorer_starts_on_the_newest_verifiable_version(tmp_path: Path, redis_url: str) -> None:
+    """Latest chain 1(full) 2 3 4 5 with 3 corrupt: a new scorer serves 2 at once (not 503 until the next
+    full snapshot), refuses 3..5 once, and the trainer's next version, a full snapshot, heals the chain."""
+    h = Harness(tmp_path, redis_url)
+    writer, learner = VersionWriter(h.registry), _learner()
+    for step in range(5):
+        _publish(writer, learner, step=step)
+    _damage(h.registry, 3)
+
+    async def body(scorer: Scorer, client: TestClient) -> None:
+        t0 = time.monotonic()
+        await _until(lambda: scorer.serving is not None, what="a served version")
+        assert scorer.serving.version == 2 and time.monotonic() - t0 < 5
+        assert sorted(scorer.refused) == [3, 4, 5] and "checksum mismatch" in scorer.refused[3]
+        assert "version 3" in scorer.refused[5]
+        resp = await client.post("/v1/rank", json=_request(10))
+        assert resp.status == 200 and (await resp.json())["model_version"] == 2
+        assert (await client.get("/healthz")).status == 200
+        assert sorted(h.registry.unusable()) == [3, 4, 5]
+        healed = _publish(writer, learner, step=5)  # writer.last is 5: its chain holds the refused 3
+        assert healed.kind.value == "full" and healed.version == 6
+        await _until(lambda: scorer.serving.version == 6, what="the healing full snapshot")
+        metrics = await (await client.get("/metrics")).text()
+        assert "zenith_scorer_refused_versions_total 3.0" in metrics
+
+    asyncio.run(h.run(body))
+
+
+def test_redis_outage_answers_503_with_a_reason_and_healthz_degraded(tmp_path: Path) -> None:
+    """A real redis-server killed with SIGKILL under a serving scorer, then restarted on its port."""
+    from deploy.infra import free_port
+    from deploy.infra.redis import LocalRedis
+
+    server = LocalRedis(free_port(), tmp_path / "redis")
+    server.start()
+    try:
+        server.wait_ready()
+        h = Harness(tmp_path, server.url, health_ping_s=0.1)
+        _publish(VersionWriter(h.registry), _learner())
+
+        async def body(scorer: Scorer, client: TestClient) -> None:
+            await _until(lambda: scorer.serving is not None, what="first version")
+            assert (await client.post("/v1/rank", json=_request(10))).status == 200
+            os.kill(server.pid, 9)
+            server._proc.wait(10)
+            codes, reasons = [], []
+            for _ in range(5):
+                resp = await client.post("/v1/rank", json=_request(10))
+                codes.append(resp.status)
+                reasons.append((await resp.json())["error"])
+            assert codes == [503] * 5, codes
+            assert all(r.startswith("state store unavailable") for r in reasons), reasons
+            await asyncio.sleep(0.15)
+            health = await client.get("/healthz")
+            assert health.status == 503 and (await health.json())["status"] == "degraded"
+            metrics = await (await client.get("/metrics")).text()
+            assert "zenith_scorer_state_up 0.0" in metrics
+            assert 'code="500"' not in metrics
+            assert 'zenith_scorer_requests_total{code="503",endpoint="rank"} 5.0' in metrics
+            server.stop()
+            server.start()
+            server.wait_ready()
+            await asyncio.sleep(0.15)
+            assert (await client.get("/healthz")).status == 200
+            resp = await client.post("/v1/rank", json=_request(10))
+            assert resp.status == 200, await resp.text()
+
+        asyncio.run(h.run(body))
+    finally:
+        server.stop()
