@@ -15,13 +15,17 @@ torch.set_num_threads(2)
 def test_quality_bench_runs_and_plots(tmp_path: Path, capsys) -> None:
     result = quality.run_quality(["zenith", "dlrm"], ["S"], "synthetic", 600, seed=0, batch_size=200,
                                  window=300, device="cpu", progress=False)
-    assert [r["arch"] for r in result["rows"]] == ["zenith", "dlrm"]
-    row = result["rows"][0]
+    # the reference rows come first, then the models
+    assert [r["arch"] for r in result["rows"]] == ["counting", "lr-ftrl", "zenith", "dlrm"]
+    assert [r["reference"] for r in result["rows"]] == [True, True, False, False]
+    assert all(0.5 < r["auc"] < 1 and "long_view_auc" in r for r in result["rows"])
+    row = result["rows"][2]
     assert row["dense_params"] > 0 and row["flops_per_sample"] > 0 and 0 < row["auc"] < 1
     assert len(row["token_cosine"]) == 3  # tokenizer + 2 Zenith layers
     json.dumps(result)  # everything is JSON-serialisable
     quality.print_table(result)
-    assert "zenith" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "zenith" in out and out.index("counting") < out.index("zenith") and "UAUC is context" in out
     quality.plot(result, tmp_path / "scaling.png")
     assert (tmp_path / "scaling.png").stat().st_size > 1000
 
