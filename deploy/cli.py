@@ -23,6 +23,7 @@ _COMMANDS: list[tuple[str, typer.Typer]] = [
     ("deploy.commands.training", app),
     ("deploy.commands.up", app),
     ("deploy.commands.serving", app),
+    ("deploy.commands.drill", app),
     ("deploy.bench.quality", bench),
     ("deploy.bench.model_speed", bench),
     ("deploy.bench.stream", bench),

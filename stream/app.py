@@ -91,7 +91,6 @@ def create_app(cfg: StreamConfig) -> faust.App:
                         key_type=str, value_type=bytes)
     joiner = LabelJoiner(cfg.window_ms, cfg.lateness_ms)
     user_topic_names = {topics.impression, topics.engagement}
-    input_topic_names = user_topic_names | {topics.live}
     holder: dict[str, StreamProcessor] = {}
     watermark = Watermark(cfg.idle_advance_s, started_wall_s=time.time())
 
@@ -101,22 +100,13 @@ def create_app(cfg: StreamConfig) -> faust.App:
             holder["p"] = StreamProcessor(LiveState.from_url(cfg.redis_url, cfg.state), default_live_spec(), joiner)
         return holder["p"]
 
-    paused: set = set()
-
-    def pause_input() -> None:
-        # Stop fetching while a dependency is down; the blocked agent holds what it already has.
-        assigned = {tp for tp in app.consumer.assignment() if tp.topic in input_topic_names}
-        app.consumer.pause_partitions(assigned)
-        paused.update(assigned)
-
-    def resume_input() -> None:
-        # Only partitions still ours: a rebalance during the outage may have moved some away.
-        back = paused & set(app.consumer.assignment())
-        app.consumer.resume_partitions(back)
-        paused.clear()
+    def resumed() -> None:
+        # The input was held, not quiet: no partition may count as idle because of the outage.
         watermark.touch(time.time())
 
-    guard = Guard(cfg.backoff, pause=pause_input, resume=resume_input)
+    # No explicit pause: while an agent retries, its batch is not done, its take buffer fills and Faust's own
+    # flow control stops fetching those partitions (Consumer.on_buffer_full); they resume as it drains.
+    guard = Guard(cfg.backoff, resume=resumed)
 
     async def handle_batch(batch: list[faust.EventT], *, tracks_time: bool) -> None:
         """Validate, dead-letter the rejects, apply the rest; returns only when every effect is done.

@@ -3,8 +3,9 @@
 Faust acknowledges a ``take_events`` batch when the agent's loop body ends, *also when it raises*, and a
 crashed agent is restarted on the next batch. So a Redis or Kafka error that escapes the body loses the
 batch: its offsets get committed with nothing done. ``Guard.run`` keeps the body from ending until the
-step succeeds: it retries with capped exponential backoff for as long as the dependency is down, pauses
-the worker's input partitions meanwhile (nothing new is fetched), exposes the outage as metrics
+step succeeds: it retries with capped exponential backoff for as long as the dependency is down (the
+blocked agent holds its input: Faust stops fetching a partition whose stream buffer is full, so consumption
+pauses), exposes the outage as metrics
 (``zenith_stream_dependency_up``, ``..._outage_seconds_total``, ``..._retries_total``) and one log line at
 its start and one at its end, then resumes where it stopped.
 
