@@ -197,7 +197,9 @@ class FTRLConfig:
     hash_bits: int = 22  # ids and crosses are hashed into 2**hash_bits weights per task
     crosses: bool = True  # every pair of present id features, hashed (user x room, user x hour, ...)
     dense: DenseInput = DenseInput.RAW_AND_LOGIT_RATES
-    rate_features: tuple[str, ...] = ("room_ctr", "user_ctr", "room_like_rate", "room_gift_rate")
+    # which dense features are rates in (0, 1); None: those the spec marks ``kind="rate"``, or for a spec
+    # without kinds, the names ending in _ctr / _rate
+    rate_features: tuple[str, ...] | None = None
     # River's FTRL computes a coordinate's weight from z and n *before* adding the current gradient, so the
     # weight it predicts with lags one occurrence (an id seen once still weighs 0 at its second impression).
     # On a log where most ids are seen a handful of times that costs a lot; settling the touched weights
@@ -209,6 +211,15 @@ class FTRLConfig:
             raise ValueError(f"FTRL needs alpha > 0 and beta, l1, l2 >= 0; got {self}")
         if not 8 <= self.hash_bits <= 30:
             raise ValueError(f"hash_bits must be in [8, 30], got {self.hash_bits}")
+
+
+def _rate_features(spec: FeatureSpec, names: tuple[str, ...] | None) -> tuple[str, ...]:
+    if names is not None:
+        return names
+    kinds = {d.name: str(getattr(d, "kind", "")) for d in spec.dense}
+    if any(k == "rate" for k in kinds.values()):
+        return tuple(n for n, k in kinds.items() if k == "rate")
+    return tuple(n for n in kinds if n.endswith(("_ctr", "_rate")))
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -260,8 +271,8 @@ class FTRLLearner:
         # dense coordinates live above the hashed range, so they never collide with an id
         self._bias_key = mask + 1
         self._dense_keys = [mask + 2 + j for j in range(spec.n_dense)]
-        rates = [n for n in cfg.rate_features if n in dense_names] if cfg.dense is DenseInput.RAW_AND_LOGIT_RATES \
-            else []
+        rates = [n for n in _rate_features(spec, cfg.rate_features) if n in dense_names] \
+            if cfg.dense is DenseInput.RAW_AND_LOGIT_RATES else []
         self._rate_cols = [spec.dense_index(n) for n in rates]
         self._rate_keys = [mask + 2 + spec.n_dense + j for j in range(len(rates))]
         self._pairs = list(itertools.combinations(range(spec.n_ids), 2)) if cfg.crosses else []
