@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from state.store import StateConfig
+from state.store import RedisAuth, StateConfig
 from stream.app import StreamConfig
 from stream.events import EventLimits
+from stream.kafka_security import KafkaSecurity, SaslMechanism, SecurityProtocol
 from stream.resilience import Backoff
 from stream.topics import Topics
 
@@ -46,6 +47,21 @@ class Settings(BaseSettings):
     scorer_poll_s: float = 0.5  # how often a scorer looks for a new (or pinned) model version
     scorer_threads: int | None = None  # torch CPU threads in a scorer (None: torch's default)
     registry_dir: Path | None = None  # default: <home>/registry
+    # Kafka security, passed to every client (confluent-kafka and Faust/aiokafka).
+    kafka_security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
+    kafka_sasl_mechanism: SaslMechanism = SaslMechanism.SCRAM_SHA_512
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    # Redis AUTH/TLS; win over credentials in REDIS_URL.
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_tls: bool = False
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = None
 
     @property
     def topics(self) -> Topics:
@@ -54,6 +70,25 @@ class Settings(BaseSettings):
     @property
     def registry(self) -> Path:
         return self.registry_dir or self.home / "registry"
+
+    def kafka_security(self) -> KafkaSecurity:
+        secret = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+        return KafkaSecurity(protocol=self.kafka_security_protocol, sasl_mechanism=self.kafka_sasl_mechanism,
+                             sasl_username=self.kafka_sasl_username, sasl_password=secret,
+                             ssl_cafile=self.kafka_ssl_cafile, ssl_certfile=self.kafka_ssl_certfile,
+                             ssl_keyfile=self.kafka_ssl_keyfile)
+
+    def redis_auth(self) -> RedisAuth:
+        def path(p: Path | None) -> str | None:
+            return str(p) if p else None
+
+        return RedisAuth(username=self.redis_username,
+                         password=self.redis_password.get_secret_value() if self.redis_password else None,
+                         tls=self.redis_tls, tls_ca_file=path(self.redis_tls_ca_file),
+                         tls_cert_file=path(self.redis_tls_cert_file), tls_key_file=path(self.redis_tls_key_file))
+
+    def state_config(self) -> StateConfig:
+        return StateConfig(auth=self.redis_auth())
 
     def require_servers(self) -> tuple[str, str]:
         if not self.kafka_bootstrap_servers or not self.redis_url:
@@ -69,7 +104,8 @@ class Settings(BaseSettings):
             bootstrap=bootstrap, redis_url=redis_url, topics=self.topics, partitions=self.partitions,
             window_ms=int(self.window_s * 1000), lateness_ms=int(self.lateness_s * 1000),
             idle_advance_s=self.idle_advance_s, metrics_port=self.stream_metrics_port, metrics_host=self.metrics_host,
-            state=StateConfig(), limits=self.event_limits(), backoff=Backoff(max_s=self.retry_max_s),
+            state=self.state_config(), limits=self.event_limits(), backoff=Backoff(max_s=self.retry_max_s),
+            kafka_security=self.kafka_security(),
         )
 
     def event_limits(self) -> EventLimits:

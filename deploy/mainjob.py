@@ -101,7 +101,7 @@ class MainJob:
         c = self.cfg
         sim = Simulator(SimConfig(n_users=c.users, n_authors=c.authors, seed=c.seed,
                                   start_ms=int(time.time() * 1000), requests_per_s=c.requests_per_s))
-        producer = EventProducer(bootstrap, self.settings.topics)
+        producer = EventProducer(bootstrap, self.settings.topics, self.settings.kafka_security())
         for n, ev in enumerate(paced(sim.events(duration_s=c.duration_s or 10**9), speed=1.0)):
             if self.stop.is_set():
                 break
@@ -139,7 +139,7 @@ class MainJob:
 
         s, c = self.settings, self.cfg
         bootstrap, redis_url = self._endpoints()
-        ensure_topics(bootstrap, s.topics, s.partitions)
+        ensure_topics(bootstrap, s.topics, s.partitions, security=s.kafka_security())
         logs = Path(s.home) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "REDIS_URL": redis_url,

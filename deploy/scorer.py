@@ -90,7 +90,7 @@ class ScorerConfig:
         base = dict(registry_dir=settings.registry, redis_url=redis_url, host=settings.scorer_host,
                     port=settings.scorer_port, max_candidates=settings.scorer_max_candidates,
                     max_body_bytes=settings.scorer_max_body_bytes, poll_s=settings.scorer_poll_s,
-                    torch_threads=settings.scorer_threads)
+                    torch_threads=settings.scorer_threads, state=settings.state_config())
         base.update({k: v for k, v in overrides.items() if v is not None})
         return ScorerConfig(**base)
 

@@ -39,6 +39,7 @@ from model.registry import LocalDirRegistry, Manifest, VersionWriter, WriterConf
 from model.spec import FeatureSpec, default_live_spec
 from stream.features import hash_id
 from stream.freshness import FRESHNESS_BUCKETS
+from stream.kafka_security import KafkaSecurity
 from stream.samples import SampleCodec, SampleFormatError
 from stream.topics import Topics
 
@@ -84,6 +85,7 @@ class TrainerConfig:
     commit_attempts: int = 5  # per publish; a commit still failing then waits for the next publish
     retry_max_s: float = 5.0
     device: str | None = None  # None: CUDA when present, else CPU
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
 
 @dataclass
@@ -130,7 +132,8 @@ class Trainer:
     # ---- Kafka ---------------------------------------------------------------------------------------
     def _consumer(self) -> Consumer:
         c = Consumer({
-            "bootstrap.servers": self.cfg.bootstrap, "group.id": self.cfg.group_id,
+            "bootstrap.servers": self.cfg.bootstrap, **self.cfg.kafka_security.confluent(),
+            "group.id": self.cfg.group_id,
             "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "fetch.min.bytes": 1, "session.timeout.ms": 10_000,
         })
@@ -152,7 +155,7 @@ class Trainer:
         if self.cfg.metrics_port:
             start_http_server(self.cfg.metrics_port, addr=self.cfg.metrics_host)
         consumer = self._consumer()
-        notifier = Producer({"bootstrap.servers": self.cfg.bootstrap})
+        notifier = Producer({"bootstrap.servers": self.cfg.bootstrap, **self.cfg.kafka_security.confluent()})
         last_publish, since_publish, trained_at = time.time(), 0, []
         try:
             while not stop.is_set():

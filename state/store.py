@@ -32,6 +32,39 @@ ROOM_META = ("author", "category", "title", "start_ms", "end_ms")
 
 
 @dataclass(frozen=True)
+class RedisAuth:
+    """Credentials and TLS for the Redis connection (typed here, filled from ``deploy/config.py``).
+
+    Explicit settings win over anything in the URL; ``tls`` turns ``redis://`` into ``rediss://``.
+    """
+
+    username: str | None = None  # Redis 6 ACL user (None: the default user)
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tls and (self.tls_ca_file or self.tls_cert_file or self.tls_key_file):
+            raise ValueError("Redis TLS files are set but TLS is off: set ZENITH_REDIS_TLS=true")
+
+    def url(self, url: str) -> str:
+        return "rediss://" + url.removeprefix("redis://") if self.tls and url.startswith("redis://") else url
+
+    def client_kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.username is not None:
+            out["username"] = self.username
+        if self.password is not None:
+            out["password"] = self.password
+        if self.tls:
+            out |= {k: v for k, v in (("ssl_ca_certs", self.tls_ca_file), ("ssl_certfile", self.tls_cert_file),
+                                      ("ssl_keyfile", self.tls_key_file)) if v}
+        return out
+
+
+@dataclass(frozen=True)
 class StateConfig:
     prefix: str = "zl:"
     dedup_ttl_s: int = 24 * 3600
@@ -44,6 +77,7 @@ class StateConfig:
     # A dead server must fail a call fast (callers retry or answer 503), not hang it.
     socket_timeout_s: float = 5.0
     connect_timeout_s: float = 2.0
+    auth: RedisAuth = field(default_factory=RedisAuth)
 
 
 @dataclass(frozen=True)
@@ -96,8 +130,9 @@ class LiveState:
     @classmethod
     def from_url(cls, url: str, config: StateConfig | None = None) -> LiveState:
         config = config or StateConfig()
-        return cls(aioredis.from_url(url, socket_timeout=config.socket_timeout_s,
-                                     socket_connect_timeout=config.connect_timeout_s), config)
+        return cls(aioredis.from_url(config.auth.url(url), socket_timeout=config.socket_timeout_s,
+                                     socket_connect_timeout=config.connect_timeout_s, **config.auth.client_kwargs()),
+                   config)
 
     async def aclose(self) -> None:
         await self.r.aclose()

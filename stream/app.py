@@ -32,6 +32,7 @@ from state.store import LiveState, StateConfig
 from stream import metrics
 from stream.events import EventLimits, MalformedEvent, decode_event
 from stream.join import LabelJoiner
+from stream.kafka_security import KafkaSecurity
 from stream.processor import StreamProcessor, Watermark
 from stream.resilience import Backoff, Guard
 from stream.topics import Topics, ensure_topics
@@ -62,6 +63,7 @@ class StreamConfig:
     metrics_host: str = "127.0.0.1"
     state: StateConfig = field(default_factory=StateConfig)
     limits: EventLimits = field(default_factory=EventLimits)
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
     backoff: Backoff = field(default_factory=Backoff)
 
 
@@ -69,6 +71,7 @@ def create_app(cfg: StreamConfig) -> faust.App:
     app = faust.App(
         f"{cfg.topics.prefix}{cfg.app_id}",  # group id and changelog names: one set per topic prefix
         broker=f"kafka://{cfg.bootstrap}",
+        broker_credentials=cfg.kafka_security.faust_credentials(),
         store="memory://",  # the changelog is the durable copy; a restarted worker replays it
         key_serializer="raw",
         value_serializer="raw",
@@ -208,7 +211,7 @@ def create_app(cfg: StreamConfig) -> faust.App:
 
 def run_worker(cfg: StreamConfig, loglevel: str = "warning") -> None:
     """Run the worker until SIGINT/SIGTERM (Faust handles both and shuts down cleanly)."""
-    ensure_topics(cfg.bootstrap, cfg.topics, cfg.partitions)
+    ensure_topics(cfg.bootstrap, cfg.topics, cfg.partitions, security=cfg.kafka_security)
     app = create_app(cfg)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaException, Producer
 
 from stream.events import Event, encode_event
-from stream.topics import Topics, partition_key
+from stream.kafka_security import KafkaSecurity
+from stream.topics import PLAINTEXT, Topics, partition_key
 
 PRODUCER_DEFAULTS = {
     "partitioner": "murmur2_random",
@@ -32,10 +33,11 @@ class DeliveryReport:
 
 
 class EventProducer:
-    def __init__(self, bootstrap: str, topics: Topics, **overrides: object) -> None:
+    def __init__(self, bootstrap: str, topics: Topics, security: KafkaSecurity = PLAINTEXT,
+                 **overrides: object) -> None:
         self.topics = topics
         self.report = DeliveryReport()
-        self._p = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, **overrides})
+        self._p = Producer({"bootstrap.servers": bootstrap, **security.confluent(), **PRODUCER_DEFAULTS, **overrides})
 
     def _on_delivery(self, err: object, _msg: object) -> None:
         if err is None:

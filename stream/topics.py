@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stream.events import Engagement, Event, Impression, LiveEvent
+from stream.kafka_security import KafkaSecurity
+
+PLAINTEXT = KafkaSecurity()
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,13 @@ def partition_key(event: Event) -> bytes:
     return event.user_id.encode()
 
 
-def ensure_topics(bootstrap: str, topics: Topics, partitions: int = 4, timeout_s: float = 30.0) -> None:
+def ensure_topics(bootstrap: str, topics: Topics, partitions: int = 4, timeout_s: float = 30.0,
+                  security: KafkaSecurity = PLAINTEXT) -> None:
     """Create the project's topics if missing (idempotent). Input topics share a partition count
     because the stream joins them by key (co-partitioning)."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, **security.confluent()})
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     wanted = [NewTopic(t, num_partitions=partitions, replication_factor=1)
               for t in topics.all() if t not in existing]

@@ -30,7 +30,8 @@ def register(app: typer.Typer) -> None:
                             group_id=f"{s.topic_prefix}zenith-trainer", arch=arch, size=size, batch_size=batch_size,
                             publish_every_s=publish_every_s, metrics_port=s.trainer_metrics_port,
                             metrics_host=s.metrics_host, device=device,
-                            max_future_skew_ms=int(s.max_future_skew_s * 1000), retry_max_s=s.retry_max_s)
+                            max_future_skew_ms=int(s.max_future_skew_s * 1000), retry_max_s=s.retry_max_s,
+                            kafka_security=s.kafka_security())
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())

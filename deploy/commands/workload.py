@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -34,8 +35,9 @@ def publish(events: Iterable, total: int | None, speed: float, label: str) -> di
 
     bootstrap, _ = endpoints()
     settings = Settings()
-    ensure_topics(bootstrap, settings.topics, settings.partitions)
-    producer = EventProducer(bootstrap, settings.topics)
+    security = settings.kafka_security()
+    ensure_topics(bootstrap, settings.topics, settings.partitions, security=security)
+    producer = EventProducer(bootstrap, settings.topics, security)
     by_type: Counter[str] = Counter()
     t0 = time.perf_counter()
     columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -76,9 +78,15 @@ def register(app: typer.Typer) -> None:
 
         if impressions is None and duration_s is None:
             impressions = 20_000
-        start_ms = int(time.time() * 1000)  # event time = now, so freshness is measured against the wall clock
-        sim = Simulator(SimConfig(n_users=users, n_authors=authors, seed=seed, start_ms=start_ms,
-                                  requests_per_s=requests_per_s))
+        base = SimConfig(n_users=users, n_authors=authors, seed=seed, requests_per_s=requests_per_s)
+        # Event time = now, so freshness is measured against the wall clock. Faster than real time, the
+        # simulated clock would run ahead of it, and the stream refuses events from the future: start it
+        # early by the lead it would build up (plus the tail of late engagements).
+        span_s = duration_s if duration_s is not None else impressions / (requests_per_s * base.rooms_per_request)
+        span_s += base.late_delay_s + base.max_watch_s
+        lead_s = span_s if speed <= 0 else max(span_s * (1 - 1 / speed), 0.0)
+        start_ms = int((time.time() - lead_s) * 1000)
+        sim = Simulator(dataclasses.replace(base, start_ms=start_ms))
         publish(sim.events(max_impressions=impressions, duration_s=duration_s), impressions, speed, "simulate")
 
     @app.command()

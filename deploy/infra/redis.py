@@ -22,11 +22,12 @@ def redis_executable() -> str:
     return exe
 
 
-def redis_answers(url: str, timeout: float = 1.0) -> bool:
+def redis_answers(url: str, timeout: float = 1.0, password: str | None = None) -> bool:
     """True when PING at ``url`` returns PONG."""
     import redis  # keep `zenith --help` fast
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                  **({"password": password} if password else {}))
     try:
         return bool(client.ping())
     except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -45,6 +46,7 @@ class LocalRedis:
 
     port: int
     data_dir: Path
+    password: str | None = field(default=None, repr=False)  # AUTH required when set (``--requirepass``)
     pid: int | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -65,7 +67,7 @@ class LocalRedis:
             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no",
             # The pid file would land in /var/run by default with --daemonize; we keep the pid ourselves.
             "--logfile", "",
-        ]
+        ] + (["--requirepass", self.password] if self.password else [])
 
     def start(self, *, detach: bool = False) -> None:
         if self.is_running():
@@ -85,7 +87,7 @@ class LocalRedis:
         return pid_matches(self.pid, "redis-server", f"{LOOPBACK}:{self.port}")
 
     def healthy(self, timeout: float = 1.0) -> bool:
-        return self.is_running() and redis_answers(self.url, timeout)
+        return self.is_running() and redis_answers(self.url, timeout, self.password)
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -93,7 +95,7 @@ class LocalRedis:
             if not self.is_running():
                 code = self._proc.poll() if self._proc is not None else None
                 raise InfraError(f"redis-server exited during start-up (exit code {code}).\n{tail(self.log_path)}")
-            if redis_answers(self.url, timeout=0.5):
+            if redis_answers(self.url, timeout=0.5, password=self.password):
                 return
             if time.monotonic() >= deadline:
                 raise InfraError(f"redis-server at {self.url} did not answer PING within {timeout:.0f} s.\n"
