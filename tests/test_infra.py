@@ -236,3 +236,11 @@ def test_ephemeral_redis_is_torn_down(tmp_path: Path) -> None:
         port = int(url.rsplit(":", 1)[1].split("/")[0])
     assert not redis_answers(url)
     assert port_is_free(port)
+
+
+def test_cli_up_fails_when_the_servers_named_by_the_environment_do_not_answer(cli_env: dict[str, str]) -> None:
+    env = {**cli_env, ENV_KAFKA: "127.0.0.1:1", ENV_REDIS: "redis://127.0.0.1:1/0"}
+    run = _zenith("infra", "up", "--timeout", "5", env=env, timeout=60)
+    assert run.returncode != 0, run.stdout
+    assert "KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:1 does not answer" in run.stderr
+    assert "KAFKA_BOOTSTRAP_SERVERS=" not in run.stdout  # nothing to export

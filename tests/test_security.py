@@ -142,3 +142,24 @@ def test_the_stack_works_through_redis_requirepass(protected_redis: LocalRedis, 
             await state.aclose()
 
     assert asyncio.run(read()) >= 1
+
+
+def test_compose_keeps_credentials_in_an_env_file_and_publishes_little() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert "ports" not in services["redis"], "Redis must not be published on the host"
+    published = {name: svc.get("ports", []) for name, svc in services.items()}
+    for name, ports in published.items():
+        for port in ports:
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every host interface"
+    assert set(n for n, p in published.items() if p) == {"kafka", "scorer", "prometheus", "grafana"}
+    grafana_pw = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert grafana_pw.startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert "${REDIS_PASSWORD:?" in services["redis"]["environment"]["REDIS_PASSWORD"]
+    assert "requirepass" in " ".join(services["redis"]["command"])
+    example = (root / "deploy" / "compose.env.example").read_text()
+    assert "REDIS_PASSWORD=" in example and "GRAFANA_ADMIN_PASSWORD=" in example
+    assert ".env" in (root / ".gitignore").read_text().split()

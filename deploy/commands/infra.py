@@ -51,6 +51,15 @@ def register(app: typer.Typer) -> None:
                           redis_port=redis_port, kafka_heap=kafka_heap, timeout=timeout)
         except InfraError as exc:
             _fail(exc)
+        # Servers named by the environment were not started here: "up" still means they answer.
+        from deploy.infra import broker_answers, redis_answers
+
+        if env_kafka and not broker_answers(env_kafka, timeout=min(timeout, 10.0)):
+            _fail(InfraError(f"KAFKA_BOOTSTRAP_SERVERS={env_kafka} does not answer, and `zenith infra up` starts no "
+                             "broker while it is set: start that broker, or unset the variable"))
+        if env_redis and not redis_answers(env_redis, timeout=min(timeout, 5.0)):
+            _fail(InfraError(f"REDIS_URL={env_redis} does not answer PING, and `zenith infra up` starts no "
+                             "redis-server while it is set: start it, or unset the variable"))
         typer.echo(f"up in {time.monotonic() - t0:.1f} s (state: {stack.state_dir})", err=True)
         typer.echo(f"KAFKA_BOOTSTRAP_SERVERS={ep.kafka_bootstrap}")
         typer.echo(f"REDIS_URL={ep.redis_url}")
