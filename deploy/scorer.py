@@ -95,9 +95,12 @@ class ScorerConfig:
         return ScorerConfig(**base)
 
     def __post_init__(self) -> None:
-        assert self.max_candidates >= 1, f"max_candidates must be >= 1, got {self.max_candidates}"
-        assert self.max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {self.max_body_bytes}"
-        assert self.poll_s > 0, f"poll_s must be positive, got {self.poll_s}"
+        if self.max_candidates < 1:
+            raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.poll_s <= 0 or self.health_ping_s <= 0:
+            raise ValueError(f"poll_s and health_ping_s must be positive, got {self.poll_s}, {self.health_ping_s}")
 
 
 @dataclass(frozen=True)
