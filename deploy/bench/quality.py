@@ -143,6 +143,8 @@ def run_quality(archs: list[str], sizes: list[str], source: str, n: int, seed: i
     second = LONG_VIEW if LONG_VIEW in {t.name for t in spec.tasks} and main != LONG_VIEW else None
     refs = [r.value for r in Reference] if references is None else references
     rows, notes = run_references(refs, spec, arrays, batch_size, window, split, second, progress)
+    if seeds > 1 and rows:
+        notes.append("reference rows are deterministic (no model seed): one run each, so no ±")
     dev = torch.device(device)
     probe = Batch.from_arrays(arrays[-min(len(arrays), 2048):], dev)  # for the token diagnostic, after training
     evaluated = split.mask(arrays.event_ms)
