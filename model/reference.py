@@ -196,6 +196,7 @@ class FTRLConfig:
     l2: float = 1.0
     hash_bits: int = 22  # ids and crosses are hashed into 2**hash_bits weights per task
     crosses: bool = True  # every pair of present id features, hashed (user x room, user x hour, ...)
+    sequences: bool = True  # behaviour sequences as hashed bags of items, each weighing 1/sqrt(bag length)
     dense: DenseInput = DenseInput.RAW_AND_LOGIT_RATES
     # which dense features are rates in (0, 1); None: those the spec marks ``kind="rate"``, or for a spec
     # without kinds, the names ending in _ctr / _rate
@@ -235,10 +236,11 @@ class FTRLLearner:
     """Online logistic regression per task: River ``LogisticRegression(optimizer=FTRLProximal(...))``.
 
     Features of a row (a sparse dict, as River takes them): a bias, one-hot hashed ids (missing ids,
-    ``0``, are left out), hashed pairwise crosses of the present ids, and the dense features (raw, plus
-    the logit of the rate features). The bias is one more FTRL coordinate rather than River's separately
-    SGD-updated intercept, so every weight follows the same per-coordinate schedule. Within a batch all
-    rows are scored first, then learned one by one, in order.
+    ``0``, are left out), hashed pairwise crosses of the present ids, the behaviour sequences as hashed
+    bags, and the dense features (raw, plus the logit of the rate features) -- what the neural models
+    get. The bias is one more FTRL coordinate rather than River's separately SGD-updated intercept, so
+    every weight follows the same per-coordinate schedule. Within a batch all rows are scored first,
+    then learned one by one, in order.
 
     >>> from model.spec import default_live_spec
     >>> spec = default_live_spec()
@@ -290,13 +292,25 @@ class FTRLLearner:
                 cols.append((_mix(h[:, a] * np.uint64(31) + h[:, b] + np.uint64(0xD1B54A32D192ED03)) & self._mask)
                             [:, None])
                 keep.append((present[:, a] & present[:, b])[:, None])
+            if self.config.sequences:
+                seqs = part.seqs.astype(np.int64)  # [B, n_seqs, L]
+                salt = (np.arange(1, seqs.shape[1] + 1, dtype=np.uint64) * np.uint64(0xA0761D6478BD642F))
+                hs = _mix(seqs.astype(np.uint64) + salt[None, :, None]) & self._mask
+                cols.append(hs.reshape(len(part), -1))
+                keep.append((seqs != 0).reshape(len(part), -1))
+                seq_len = np.maximum((seqs != 0).sum(2), 1)  # [B, n_seqs]
+                seq_w = np.repeat(1.0 / np.sqrt(seq_len), seqs.shape[2], axis=1)  # [B, n_seqs * L]
         keys = np.concatenate(cols, axis=1).astype(np.int64)
         ok = np.concatenate(keep, axis=1)
+        n_single = keys.shape[1] - (seq_w.shape[1] if self.config.sequences else 0)
+        values = np.ones(keys.shape)
+        if self.config.sequences:
+            values[:, n_single:] = seq_w
         dense = part.dense.astype(np.float64)
         logits = _logit(dense[:, self._rate_cols]) if self._rate_cols else np.zeros((len(part), 0))
         out = []
         for r in range(len(part)):
-            x = dict.fromkeys(keys[r, ok[r]].tolist(), 1.0)
+            x = dict(zip(keys[r, ok[r]].tolist(), values[r, ok[r]].tolist(), strict=True))
             x[self._bias_key] = 1.0
             x.update(zip(self._dense_keys, dense[r].tolist(), strict=True))
             x.update(zip(self._rate_keys, logits[r].tolist(), strict=True))
