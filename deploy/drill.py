@@ -297,12 +297,13 @@ def run_drill(cfg: DrillConfig, bootstrap: str | None = None) -> DrillReport:
             victim = owned.get(cfg.fault) if cfg.fault is not Fault.NONE else None
             if victim is not None:
                 # Kill while the worker is mid-stream: it has processed part of the input, not all of it.
-                # With a trainer: also once it has published, so its commits and publishes meet the outage.
+                # A broker drill with a trainer: also once it has published, so its commits meet the outage.
                 target = cfg.kill_at * len(events)
                 registry = LocalDirRegistry(registry_dir)
                 while time.monotonic() - t_start < cfg.timeout_s and procs[0].alive():
                     done = _scrape(stream_port, "zenith_stream_events_total")
-                    if done >= target and (not cfg.with_trainer or registry.list_versions()):
+                    trainer_up = not cfg.with_trainer or cfg.fault is not Fault.BROKER or registry.list_versions()
+                    if done >= target and trainer_up:
                         break
                     time.sleep(0.1)
                 processed = _scrape(stream_port, "zenith_stream_events_total")

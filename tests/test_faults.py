@@ -37,12 +37,13 @@ def _explain(report: object) -> str:
 
 
 def test_redis_killed_mid_stream_loses_no_impression_and_no_state_write(kafka_bootstrap: str, tmp_path: Path) -> None:
-    report = run_drill(DrillConfig(fault=Fault.REDIS, workdir=tmp_path, impressions=2_000, outage_s=4.0,
-                                   timeout_s=200.0), bootstrap=kafka_bootstrap)
+    # Produced over ~30 s, longer than a worker takes to start here, so the kill lands mid-stream.
+    report = run_drill(DrillConfig(fault=Fault.REDIS, workdir=tmp_path, impressions=1_500, impressions_per_s=50.0,
+                                   outage_s=4.0, timeout_s=200.0), bootstrap=kafka_bootstrap)
     assert 0 < report.killed_after_events < report.events, "the kill must hit a worker mid-stream"
     assert report.outages_seen >= 1, "the worker must have seen the outage (else the drill tested nothing)"
     assert report.ok, _explain(report)
-    assert report.with_sample == report.impressions == report.trained == 2_000
+    assert report.with_sample == report.impressions == report.trained == 1_500
 
 
 def test_broker_killed_mid_stream_loses_no_impression_and_the_trainer_survives(tmp_path: Path) -> None:
