@@ -118,7 +118,7 @@ def create_app(cfg: StreamConfig) -> faust.App:
         body ends) only after its effects exist. Stream time moves only for accepted, applied events.
         """
         now_s = time.time()
-        stream_ms = watermark.current(now_s) if tracks_time else 0
+        stream_ms = watermark.floor()
         good, seen = [], []
         for ev in batch:
             try:

@@ -96,6 +96,15 @@ class Watermark:
         self._latest = {src: (ts, max(w, wall_s)) for src, (ts, w) in self._latest.items()}
         self.started_wall_s = max(self.started_wall_s, wall_s)
 
+    def floor(self) -> int:
+        """The oldest of the partitions' newest event times, without any wall-clock advance (0: none yet).
+
+        What the validation's lag bound measures against: an in-order partition's next event is never older
+        than this, so only a genuinely late event falls more than the bound behind it -- also after a quiet
+        spell, e.g. between two replays of an old log.
+        """
+        return min((ts for ts, _ in self._latest.values() if ts), default=0)
+
     def observe(self, source: str, ts_ms: int, wall_s: float) -> None:
         prev = self._latest.get(source, (0, 0.0))[0]
         self._latest[source] = (max(prev, ts_ms), wall_s)

@@ -175,3 +175,34 @@ def test_simulator_is_deterministic_and_its_planted_affinities_move_engagement()
     assert 0.8 < len(imps) / span_s / (sim.cfg.requests_per_s * sim.cfg.rooms_per_request) < 1.2
     live_at_start = sum(isinstance(e, LiveEvent) and e.ts_ms == sim.cfg.start_ms for e in events)
     assert sim.stats.rooms_ended > 0 and sim.stats.rooms_started > live_at_start  # rooms come and go
+
+
+def test_validation_bounds_time_against_the_wall_clock_and_stream_time() -> None:
+    from stream.events import EventLimits
+
+    now = 1_800_000_000_000
+    ok = Impression(event_id="e", request_id="q", user_id="u", room_id="r", author_id="a", position=0,
+                    ts_ms=now, hour=1, device="ios", tab="live")
+    raw = encode_event(ok)
+    assert decode_event(raw, now_ms=now, stream_ms=now) == ok
+    with pytest.raises(MalformedEvent, match="in the future"):
+        decode_event(raw, now_ms=now - 301_000)
+    with pytest.raises(MalformedEvent, match="behind stream time"):
+        decode_event(raw, now_ms=now, stream_ms=now + 3_601_000)
+    assert decode_event(raw, now_ms=now + 10 * 86_400_000) == ok  # an old log replays: no wall-clock age bound
+    with pytest.raises(MalformedEvent, match="old"):
+        decode_event(raw, EventLimits(max_age_ms=86_400_000), now_ms=now + 10 * 86_400_000)
+    with pytest.raises(MalformedEvent, match="oversized"):
+        decode_event(raw, EventLimits(max_message_bytes=100), now_ms=now)
+    with pytest.raises(ValueError, match="must be positive"):
+        EventLimits(max_future_skew_ms=0)
+
+
+def test_the_lag_bound_measures_from_partitions_not_from_the_wall_clock() -> None:
+    w = Watermark(idle_s=2)
+    w.observe("a/0", 5_000, wall_s=0)
+    w.observe("b/0", 3_000, wall_s=0)
+    assert w.current(wall_s=100) > 90_000  # a quiet stream's time follows the wall clock ...
+    assert w.floor() == 3_000  # ... the validation's reference does not
+    w.touch(wall_s=100)
+    assert w.current(wall_s=101) == 3_000  # after an outage the input counts as held, not quiet
