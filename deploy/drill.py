@@ -49,8 +49,8 @@ class Fault(enum.StrEnum):
 class DrillConfig:
     fault: Fault
     workdir: Path
-    impressions: int = 3_000
-    impressions_per_s: float = 150.0  # wall-clock production rate
+    impressions: int = 1_500
+    impressions_per_s: float = 50.0  # wall-clock production rate: slow enough to outlast start-up
     kill_at: float = 0.3  # fraction of the events the worker has processed when the dependency is killed
     outage_s: float = 5.0
     window_s: float = 3.0
