@@ -75,7 +75,9 @@ def save_checkpoint(path: str | Path, model: Ranker, learner: OnlineLearner | No
     optim_meta: dict[str, Any] | None = None
     if learner is not None:
         optim_meta = {}
-        for which, sd in (("dense", learner.dense_opt.state_dict()), ("sparse", learner.sparse_opt.state_dict())):
+        for which, sd in learner.optimizer_state().items():
+            if which in ("steps", "samples"):
+                continue
             scalars: dict[str, dict[str, Any]] = {}
             for pid, st in sd["state"].items():
                 for key, val in st.items():
@@ -152,8 +154,9 @@ def _optimizer_state(optim_meta: dict[str, Any] | None, tensors: dict[str, torch
     if not optim_meta:
         return None
     out: dict[str, Any] = {"steps": optim_meta["steps"], "samples": optim_meta["samples"]}
-    for which in ("dense", "sparse"):
-        m = optim_meta[which]
+    for which, m in optim_meta.items():
+        if which in ("steps", "samples"):
+            continue
         state: dict[int, dict[str, Any]] = {int(pid): dict(m["scalars"].get(pid, {})) for pid in m["state_ids"]}
         prefix = f"{_OPT}.{which}."
         for key, val in tensors.items():

@@ -25,6 +25,8 @@ from typing import Any
 from model.embedding import EmbeddingKind, SparseOptim
 from model.spec import FeatureSpec
 
+_PAIR_FIELDS = ("emb_bucket_overrides", "wide_crosses")  # tuples of pairs: JSON lists of lists
+
 
 class Arch(StrEnum):
     DLRM = "dlrm"
@@ -67,6 +69,16 @@ class ModelConfig:
     cross_rank: int | None = None  # None -> full-rank DCNv2 cross layers
     # --- heads -----------------------------------------------------------------------------------------
     head_hidden: int = 32
+    # --- inputs and the wide path (see model.dense, model.wide) ---------------------------------------
+    dense_norm: bool = True  # rates as logits + running standardisation of the dense features
+    wide: bool = True  # a logistic regression over ids, id crosses and dense features beside the deep body
+    wide_buckets: int = 1 << 18
+    wide_crosses: tuple[tuple[str, str], ...] | None = None  # None -> model.wide.default_crosses(spec)
+    wide_lr: float = 0.1  # row-wise Adagrad, per-coordinate like FTRL
+    # FTRL's beta: a coordinate's step is wide_lr * g / (wide_beta + sqrt(sum of g^2)) on the gradient of the
+    # batch's *summed* loss, so a key seen once moves less than one seen in many rows of a batch.
+    wide_beta: float = 1.0
+    wide_dense_lr: float = 0.1  # the wide path's dense weights and bias: few, seen in every row
     # --- embeddings ------------------------------------------------------------------------------------
     emb_kind: EmbeddingKind = EmbeddingKind.HASHED
     emb_dim: int = 16
@@ -79,6 +91,7 @@ class ModelConfig:
     emb_lr: float = 0.05  # sparse optimizer
     sparse_optim: SparseOptim = SparseOptim.ROWWISE_ADAGRAD
     grad_clip: float = 5.0
+    passes: int = 1  # optimizer steps per mini-batch (after it was scored): sample efficiency online
     seed: int = 0
     bf16_autocast: bool = False  # CUDA only; ignored on CPU
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form notes, saved with the model
@@ -117,7 +130,14 @@ class ModelConfig:
         need(d > 0 and self.n_layers >= 1, f"d_model and n_layers must be positive (got {d}, {self.n_layers})")
         need(self.emb_dim > 0 and self.emb_buckets >= 2 and 1 <= self.emb_hashes <= 8,
              "emb_dim > 0, emb_buckets >= 2 and emb_hashes in 1..8 are required")
+        need(self.passes >= 1, f"passes (optimizer steps per batch) must be >= 1, got {self.passes}")
         need(self.head_hidden > 0 and self.ffn_mult > 0, "head_hidden and ffn_mult must be positive")
+        need(not self.wide or (self.wide_buckets >= 2 and self.wide_lr > 0),
+             f"the wide path needs wide_buckets >= 2 and wide_lr > 0 (got {self.wide_buckets}, {self.wide_lr}); "
+             "or set wide=False")
+        ids = {f.name for f in spec.ids}
+        need(all(a in ids and b in ids for a, b in self.wide_crosses or ()),
+             f"wide_crosses must pair id features of the spec {sorted(ids)}, got {self.wide_crosses}")
         if self.arch is Arch.ZENITH:
             k = self.k
             good = [c for c in range(1, 2 * d + 1) if (t * c) % d == 0 and (self.n_layers < 2 or (d * d) % c == 0)]
@@ -155,8 +175,8 @@ class ModelConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v.value if isinstance(v, Enum) else [list(p) for p in v] if f.name == \
-                "emb_bucket_overrides" else list(v) if isinstance(v, tuple) else v
+            out[f.name] = v.value if isinstance(v, Enum) else [list(p) for p in v] if f.name in _PAIR_FIELDS \
+                and v is not None else list(v) if isinstance(v, tuple) else v
         return out
 
     @staticmethod
@@ -173,6 +193,8 @@ class ModelConfig:
             kw["mlp_hidden"] = tuple(kw["mlp_hidden"])
         if "emb_bucket_overrides" in kw:
             kw["emb_bucket_overrides"] = tuple((str(n), int(b)) for n, b in kw["emb_bucket_overrides"])
+        if kw.get("wide_crosses") is not None:
+            kw["wide_crosses"] = tuple((str(a), str(b)) for a, b in kw["wide_crosses"])
         return ModelConfig(**kw)
 
     def to_json(self) -> str:

@@ -61,13 +61,18 @@ class MLP(nn.Sequential):
 class MultiTaskHeads(nn.Module):
     """One small tower per task (``in -> hidden -> 1``), all towers computed in one batched matmul."""
 
-    def __init__(self, d_in: int, n_tasks: int, hidden: int) -> None:
+    def __init__(self, d_in: int, n_tasks: int, hidden: int, residual: bool = False) -> None:
+        """``residual``: the towers add to another path's logits (the wide path), so they start at exactly
+        zero -- the model starts as that path -- and carry no bias of their own."""
         super().__init__()
         self.n_tasks, self.hidden = n_tasks, hidden
         self.first = nn.Linear(d_in, n_tasks * hidden)
         self.second = nn.Parameter(torch.empty(n_tasks, hidden))
-        nn.init.uniform_(self.second, -1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
-        self.out_bias = nn.Parameter(torch.full((n_tasks,), -2.0))  # start near a low base rate
+        if residual:
+            nn.init.zeros_(self.second)
+        else:
+            nn.init.uniform_(self.second, -1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
+        self.out_bias = nn.Parameter(torch.full((n_tasks,), 0.0 if residual else -2.0))  # near a low base rate
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.first(z)).view(z.shape[0], self.n_tasks, self.hidden)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from model.batch import Batch, SampleArrays
 from model.config import ModelConfig
-from model.embedding import make_sparse_optimizer
+from model.embedding import RowWiseAdagrad, make_sparse_optimizer
 from model.prequential import StepResult
 from model.ranker import Ranker
 from model.spec import FeatureSpec
@@ -36,7 +36,10 @@ __all__ = ["OnlineLearner", "StepResult"]  # StepResult lives in model.prequenti
 
 
 class OnlineLearner:
-    """Owns a model's optimizers: AdamW for dense weights, a row-wise sparse optimizer for embedding rows.
+    """Owns a model's optimizers, one per learning regime (see ``Ranker.dense_parameters``): AdamW for the
+    deep body's dense weights, a row-wise sparse optimizer for the deep embedding rows, and row-wise
+    Adagrad at ``wide_lr`` for the wide path (per-coordinate steps, so an id's bias moves from its first
+    samples, as in FTRL).
 
     ``fused_score`` (default on): when the model has no train-only randomness (``train_eval_identical``),
     the training forward *is* the pre-update scoring pass -- same weights, same inputs, same outputs -- so
@@ -52,7 +55,10 @@ class OnlineLearner:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.dense_opt = torch.optim.AdamW(list(model.dense_parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sparse_opt = make_sparse_optimizer(cfg.sparse_optim, model.sparse_parameters(), cfg.emb_lr)
+        self.sparse_opt = make_sparse_optimizer(cfg.sparse_optim, model.deep_sparse_parameters(), cfg.emb_lr)
+        wide = model.wide_parameters()
+        self.wide_opt = RowWiseAdagrad([{"params": wide[:1]}, {"params": wide[1:], "lr": cfg.wide_dense_lr}],
+                                       lr=cfg.wide_lr, eps=cfg.wide_beta) if wide else None
         self.autocast = cfg.bf16_autocast and self.device.type == "cuda"
         self.fused_score = fused_score and model.train_eval_identical
         self.steps = 0
@@ -80,33 +86,56 @@ class OnlineLearner:
         """Score the batch, then learn from it. Returns the pre-update scores and their loss."""
         batch = self.to_batch(data)
         pre_probs = None if self.fused_score else self.score(batch)
-        self.model.train()
-        logits, aux = self._forward(batch)
-        labels = batch.labels.to(logits.dtype)
-        task_losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
-        loss = task_losses.sum()
-        self.dense_opt.zero_grad(set_to_none=True)
-        self.sparse_opt.zero_grad(set_to_none=True)
-        (loss + aux).backward()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(self.model.dense_parameters()), self.config.grad_clip)
-        self.dense_opt.step()
-        self.sparse_opt.step()
+        logits, aux, task_losses = self._learn(batch)
+        for _ in range(self.config.passes - 1):  # more steps on the freshest data; its stats count once
+            with self.model.dense_in.frozen():
+                self._learn(batch)
         self.steps += 1
         self.samples += len(batch)
         if pre_probs is None:
             pre_probs = torch.sigmoid(logits.detach())
         else:  # report the loss of what was actually scored
+            labels = batch.labels.to(pre_probs.dtype)
             task_losses = F.binary_cross_entropy(pre_probs.clamp(1e-7, 1 - 1e-7), labels, reduction="none").mean(0)
         return StepResult(probs=pre_probs.float().cpu().numpy(), loss=float(task_losses.detach().sum()),
                           aux_loss=float(aux.detach()), task_losses=task_losses.detach().float().cpu().numpy())
 
+    def _learn(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step on ``batch``; returns the logits, aux loss and per-task losses of its forward."""
+        self.model.train()
+        logits, aux = self._forward(batch)
+        labels = batch.labels.to(logits.dtype)
+        task_losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
+        optimizers = self.optimizers().values()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        (task_losses.sum() + aux).backward()
+        if self.wide_opt is not None:  # see ModelConfig.wide_beta: the wide path steps on summed gradients
+            for p in self.model.wide_parameters():
+                if p.grad is not None:
+                    p.grad.mul_(len(batch))
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.model.dense_parameters()), self.config.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        return logits, aux, task_losses
+
     # ---- optimizer state, for checkpoints ------------------------------------------------------------
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Name -> optimizer; the names key their state in checkpoints."""
+        opts: dict[str, torch.optim.Optimizer] = {"dense": self.dense_opt, "sparse": self.sparse_opt}
+        if self.wide_opt is not None:
+            opts["wide"] = self.wide_opt
+        return opts
+
     def optimizer_state(self) -> dict[str, Any]:
-        return {"dense": self.dense_opt.state_dict(), "sparse": self.sparse_opt.state_dict(),
+        return {**{name: opt.state_dict() for name, opt in self.optimizers().items()},
                 "steps": self.steps, "samples": self.samples}
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.dense_opt.load_state_dict(state["dense"])
-        self.sparse_opt.load_state_dict(state["sparse"])
+        for name, opt in self.optimizers().items():
+            if name not in state:
+                raise ValueError(f"the saved optimizer state has no {name!r} part (it has {sorted(state)}): "
+                                 "it was saved for a model with another config; start its optimizers fresh")
+            opt.load_state_dict(state[name])
         self.steps, self.samples = int(state.get("steps", 0)), int(state.get("samples", 0))

@@ -20,10 +20,12 @@ from torch import nn
 
 from model.batch import Batch
 from model.config import ModelConfig
+from model.dense import DenseInput
 from model.embedding import EmbeddingTable, build_tables
 from model.layers import MultiTaskHeads
 from model.spec import FeatureSpec
 from model.tokenizer import PrimeTokenizer, token_cosine_similarity
+from model.wide import WIDE_TABLE, WidePath, default_crosses
 
 
 class Ranker(nn.Module, abc.ABC):
@@ -38,22 +40,31 @@ class Ranker(nn.Module, abc.ABC):
                               config.emb_dim, config.emb_hashes, dict(config.emb_bucket_overrides))
         self.tokenizer = PrimeTokenizer(spec, tables, config.d_model)  # owns the tables (one state-dict key each)
         self.n_tokens = spec.n_tokens()
+        self.dense_in = DenseInput(spec, normalize=config.dense_norm)
+        self.wide = WidePath(spec, config.wide_buckets, config.wide_crosses or default_crosses(spec)) \
+            if config.wide else None
 
     def build_heads(self, d_in: int) -> None:
         """Subclasses call this once they know the width of the vector their body hands to the heads."""
-        self.heads = MultiTaskHeads(d_in, len(self.spec.tasks), self.config.head_hidden)
+        self.heads = MultiTaskHeads(d_in, len(self.spec.tasks), self.config.head_hidden,
+                                    residual=self.wide is not None)
 
     @abc.abstractmethod
     def body(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """``tokens [B, T, D]`` -> (vector for the heads ``[B, F]``, aux loss (scalar), per-layer tokens)."""
 
     # ---- the interface ----------------------------------------------------------------------------------
-    def encode(self, batch: Batch) -> torch.Tensor:
-        return self.tokenizer(batch.ids, batch.seqs, batch.dense)
+    def encode(self, batch: Batch, dense: torch.Tensor | None = None) -> torch.Tensor:
+        """Prime Tokens of a batch; ``dense``: its already normalised dense features, if at hand."""
+        return self.tokenizer(batch.ids, batch.seqs, self.dense_in(batch.dense) if dense is None else dense)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        z, aux, _ = self.body(self.encode(batch))
-        return self.heads(z).float(), aux.float()
+        dense = self.dense_in(batch.dense)
+        z, aux, _ = self.body(self.encode(batch, dense))
+        logits = self.heads(z).float()
+        if self.wide is not None:
+            logits = logits + self.wide(batch.ids, dense).float()
+        return logits, aux.float()
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
@@ -79,15 +90,28 @@ class Ranker(nn.Module, abc.ABC):
         return [token_cosine_similarity(t) for t in self.token_outputs(batch)]
 
     # ---- parameter groups (dense vs sparse optimizers) --------------------------------------------------
+    # Three groups, three learning regimes: the deep body's dense weights (AdamW), the deep embedding rows
+    # (row-wise Adagrad at emb_lr) and the wide path (row-wise Adagrad at wide_lr, per-coordinate as FTRL).
     def embedding_tables(self) -> dict[str, EmbeddingTable]:
-        return dict(self.tokenizer.tables.items())  # type: ignore[arg-type]
+        """Every hashed table, the wide path's included: the registry publishes their touched rows."""
+        tables: dict[str, EmbeddingTable] = dict(self.tokenizer.tables.items())  # type: ignore[arg-type]
+        if self.wide is not None:
+            tables[WIDE_TABLE] = self.wide.table
+        return tables
 
     def sparse_parameters(self) -> list[nn.Parameter]:
+        return [t.weight for t in self.embedding_tables().values()]
+
+    def deep_sparse_parameters(self) -> list[nn.Parameter]:
         return [t.weight for t in self.tokenizer.tables.values()]
 
+    def wide_parameters(self) -> list[nn.Parameter]:
+        return self.wide.row_parameters() if self.wide is not None else []
+
     def dense_parameters(self) -> Iterator[nn.Parameter]:
-        sparse = {id(p) for p in self.sparse_parameters()}
-        return (p for p in self.parameters() if id(p) not in sparse)
+        """The deep body's dense weights (everything not in an embedding table and not in the wide path)."""
+        other = {id(p) for p in self.sparse_parameters() + self.wide_parameters()}
+        return (p for p in self.parameters() if id(p) not in other)
 
 
 def task_weights(spec: FeatureSpec) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 OWN_TOKEN = "__own__"
 """Group name meaning "this feature gets a Prime Token of its own"."""
@@ -46,10 +47,18 @@ class SequenceFeature:
     target: str
 
 
+class DenseKind(StrEnum):
+    """What a dense value is, so the model can put it on the right scale (see ``model.dense``)."""
+
+    LOG = "log"  # a log1p count or duration, any non-negative scale
+    RATE = "rate"  # a smoothed rate in (0, 1): the model reads it on the logit scale
+
+
 @dataclass(frozen=True)
 class DenseFeature:
     name: str
     group: str
+    kind: DenseKind = DenseKind.LOG
 
 
 @dataclass(frozen=True)
@@ -153,10 +162,10 @@ def default_live_spec(seq_len: int = 20) -> FeatureSpec:
             # the live room, right now
             DenseFeature("room_audience", "room"),
             DenseFeature("room_impressions", "room"),
-            DenseFeature("room_ctr", "room"),
+            DenseFeature("room_ctr", "room", DenseKind.RATE),
             DenseFeature("room_avg_watch", "room"),
-            DenseFeature("room_like_rate", "room"),
-            DenseFeature("room_gift_rate", "room"),
+            DenseFeature("room_like_rate", "room", DenseKind.RATE),
+            DenseFeature("room_gift_rate", "room", DenseKind.RATE),
             DenseFeature("room_age_min", "room"),
             # the streamer, across rooms
             DenseFeature("author_enters", "author"),
@@ -164,7 +173,7 @@ def default_live_spec(seq_len: int = 20) -> FeatureSpec:
             DenseFeature("author_followers", "author"),
             # the user
             DenseFeature("user_impressions", "user"),
-            DenseFeature("user_ctr", "user"),
+            DenseFeature("user_ctr", "user", DenseKind.RATE),
             DenseFeature("user_avg_watch", "user"),
             # user x candidate
             DenseFeature("ua_watch_count", "cross"),

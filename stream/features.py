@@ -27,6 +27,10 @@ from state.store import Snapshot
 __all__ = ["Candidate", "FeatureRow", "assemble", "hash_id", "default_live_spec"]
 
 NEVER_WATCHED_MIN = 7 * 24 * 60.0  # "last watched this author" for a never-watched author: a week ago
+# Bayesian average (pseudo-enters, pseudo-impressions): a prior rate of 0.2 worth 5 impressions. With a
+# prior worth 1 impression, a user's first click read as a 60% CTR; on the KuaiRand log the stronger prior
+# ranks better by itself (AUC 0.7040 vs 0.7006) and gives the models +0.002 AUC.
+USER_CTR_PRIOR = (1.0, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +105,7 @@ def assemble(spec: FeatureSpec, c: Candidate, s: Snapshot) -> FeatureRow:
         "author_avg_watch": _log(a.get("watch_s", 0.0) / max(a.get("watches", 0.0), 1.0)),
         "author_followers": _log(a.get("followers", 0.0)),
         "user_impressions": _log(u.get("impressions", 0.0)),
-        "user_ctr": (u.get("enters", 0.0) + 0.2) / (u.get("impressions", 0.0) + 1.0),
+        "user_ctr": (u.get("enters", 0.0) + USER_CTR_PRIOR[0]) / (u.get("impressions", 0.0) + USER_CTR_PRIOR[1]),
         "user_avg_watch": _log(u.get("watch_s", 0.0) / max(u.get("watches", 0.0), 1.0)),
         "ua_watch_count": _log(len(same_author)),
         "ua_watch_seconds": _log(author_watch_s),
