@@ -30,7 +30,7 @@ from prometheus_client import start_http_server
 from model.spec import default_live_spec
 from state.store import LiveState, StateConfig
 from stream import metrics
-from stream.events import EventLimits, MalformedEvent, decode_event
+from stream.events import EventLimits, MalformedEvent, RejectCode, decode_event
 from stream.join import LabelJoiner
 from stream.kafka_security import KafkaSecurity
 from stream.processor import StreamProcessor, Watermark
@@ -124,7 +124,7 @@ def create_app(cfg: StreamConfig) -> faust.App:
             try:
                 good.append(decode_event(ev.value, cfg.limits, now_ms=int(now_s * 1000), stream_ms=stream_ms))
             except MalformedEvent as exc:
-                await guard.run(lambda m=ev.message, r=str(exc): dead_letter(m, r), "sending a dead letter")
+                await guard.run(lambda m=ev.message, e=exc: dead_letter(m, str(e), e.code), "sending a dead letter")
                 continue
             seen.append((f"{ev.message.topic}/{ev.message.partition}", good[-1].ts_ms))
         if not good:
@@ -138,19 +138,19 @@ def create_app(cfg: StreamConfig) -> faust.App:
         else:
             await guard.run(lambda: proc.apply_state(good), "writing room state to Redis")
 
-    async def dead_letter(message: faust.types.tuples.Message, reason: str) -> None:
-        kind = reason.split(":", 1)[0][:40]
+    async def dead_letter(message: faust.types.tuples.Message, reason: str, code: RejectCode) -> None:
         value, key = message.value or b"", message.key or b""
         headers = {"x-reason": reason[:MAX_REASON_CHARS].encode(), "x-source-topic": message.topic.encode(),
                    "x-source-partition": str(message.partition).encode(),
-                   "x-source-offset": str(message.offset).encode(), "x-original-bytes": str(len(value)).encode()}
+                   "x-source-offset": str(message.offset).encode(), "x-original-bytes": str(len(value)).encode(),
+                   "x-reject-code": code.value.encode()}
         if len(value) > cfg.limits.max_message_bytes or len(key) > cfg.limits.max_id_chars * 4:
             # The whole record may not even fit the producer's limit: keep a truncated copy and say so.
             value, key = value[:DEAD_LETTER_COPY_BYTES], key[:DEAD_LETTER_COPY_BYTES]
             headers["x-truncated"] = b"true"
         fut = await deadletter_topic.send(key=key, value=value, headers=headers)
         await fut  # the bytes are safe before the offset can be committed
-        metrics.DEAD_LETTERS.labels(kind).inc()
+        metrics.DEAD_LETTERS.labels(code.value).inc()
         log.warning("dead letter from %s/%s@%s: %s", message.topic, message.partition, message.offset,
                     reason[:300])
 

@@ -28,8 +28,28 @@ import orjson
 SCHEMA_VERSION = 1
 
 
+class RejectCode(enum.StrEnum):
+    """Why a record was refused, in a few fixed words (a metric label; the reason text has the details)."""
+
+    EMPTY = "empty"
+    OVERSIZED = "oversized"
+    NOT_JSON = "not_json"
+    NOT_OBJECT = "not_object"
+    SCHEMA_VERSION = "schema_version"
+    UNKNOWN_TYPE = "unknown_type"
+    MISSING_FIELD = "missing_field"
+    BAD_FIELD = "bad_field"
+    FUTURE_TIME = "future_time"
+    TOO_OLD = "too_old"
+    BEHIND_STREAM = "behind_stream_time"
+
+
 class MalformedEvent(ValueError):
     """Raised with a human-readable reason; the stream sends the raw bytes and this reason to dead letters."""
+
+    def __init__(self, reason: str, code: RejectCode = RejectCode.BAD_FIELD) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 class EngagementKind(enum.StrEnum):
@@ -149,21 +169,24 @@ def decode_event(raw: bytes | str | None, limits: EventLimits = DEFAULT_LIMITS, 
     consumer's stream time for the lag bound (0: unknown, not checked).
     """
     if raw is None or len(raw) == 0:
-        raise MalformedEvent("empty: the message has no value")
+        raise MalformedEvent("empty: the message has no value", RejectCode.EMPTY)
     if len(raw) > limits.max_message_bytes:
-        raise MalformedEvent(f"oversized: {len(raw)} bytes > max_message_bytes={limits.max_message_bytes}")
+        raise MalformedEvent(f"oversized: {len(raw)} bytes > max_message_bytes={limits.max_message_bytes}",
+                             RejectCode.OVERSIZED)
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise MalformedEvent(f"not JSON: {exc}") from None
+        raise MalformedEvent(f"not JSON: {exc}", RejectCode.NOT_JSON) from None
     if not isinstance(obj, dict):
-        raise MalformedEvent(f"expected a JSON object, got {type(obj).__name__}")
+        raise MalformedEvent(f"expected a JSON object, got {type(obj).__name__}", RejectCode.NOT_OBJECT)
     if obj.get("v") != SCHEMA_VERSION:
-        raise MalformedEvent(f"unsupported schema version {_short(obj.get('v'))} (this build reads v{SCHEMA_VERSION})")
+        raise MalformedEvent(f"unsupported schema version {_short(obj.get('v'))} (this build reads v{SCHEMA_VERSION})",
+                             RejectCode.SCHEMA_VERSION)
     kind = obj.get("type")
     cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise MalformedEvent(f"unknown event type {_short(kind)}; expected one of {sorted(_BY_TYPE)}")
+        raise MalformedEvent(f"unknown event type {_short(kind)}; expected one of {sorted(_BY_TYPE)}",
+                             RejectCode.UNKNOWN_TYPE)
     event = cls(**{f.name: _field(cls.TYPE, f, obj, limits) for f in fields(cls)})
     _check_time(cls.TYPE, event.ts_ms, limits, int(time.time() * 1000) if now_ms is None else now_ms, stream_ms)
     return event
@@ -177,20 +200,20 @@ def _short(value: Any) -> str:
 def _check_time(type_name: str, ts_ms: int, limits: EventLimits, now_ms: int, stream_ms: int) -> None:
     if ts_ms > now_ms + limits.max_future_skew_ms:
         raise MalformedEvent(f"{type_name}: ts_ms={ts_ms} is {(ts_ms - now_ms) / 1000:.0f}s in the future "
-                             f"(max_future_skew_ms={limits.max_future_skew_ms})")
+                             f"(max_future_skew_ms={limits.max_future_skew_ms})", RejectCode.FUTURE_TIME)
     if limits.max_age_ms and ts_ms < now_ms - limits.max_age_ms:
         raise MalformedEvent(f"{type_name}: ts_ms={ts_ms} is {(now_ms - ts_ms) / 1000:.0f}s old "
-                             f"(max_age_ms={limits.max_age_ms})")
+                             f"(max_age_ms={limits.max_age_ms})", RejectCode.TOO_OLD)
     if limits.max_lag_ms and stream_ms and ts_ms < stream_ms - limits.max_lag_ms:
         raise MalformedEvent(f"{type_name}: ts_ms={ts_ms} is {(stream_ms - ts_ms) / 1000:.0f}s behind stream time "
-                             f"{stream_ms} (max_lag_ms={limits.max_lag_ms})")
+                             f"{stream_ms} (max_lag_ms={limits.max_lag_ms})", RejectCode.BEHIND_STREAM)
 
 
 def _field(type_name: str, f: Any, obj: dict, limits: EventLimits) -> Any:
     if f.name not in obj:
         if f.default is not MISSING:
             return f.default
-        raise MalformedEvent(f"{type_name}: missing field {f.name!r}")
+        raise MalformedEvent(f"{type_name}: missing field {f.name!r}", RejectCode.MISSING_FIELD)
     value = obj[f.name]
     if f.name in _ENUMS:
         try:
