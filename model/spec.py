@@ -189,4 +189,7 @@ def default_live_spec(seq_len: int = 20) -> FeatureSpec:
             Task("gift", "gifted", weight=0.5),
         ),
         seq_len=seq_len,
+        # 2: user_ctr's prior is worth 5 impressions (was 1); rates are marked as rates. A new version is a
+        # new fingerprint, so old samples, caches and model versions are refused, never silently mixed.
+        version=2,
     )
