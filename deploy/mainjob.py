@@ -170,13 +170,28 @@ class MainJob:
         finally:
             signal.signal(signal.SIGINT, previous)
             self.stop.set()
-            scrapes = {k: scrape(u) for k, u in self._urls().items()}
             for t in threads:
                 t.join(timeout=35)
+            scrapes = self._drain()
             self._stop_children()
         report = self._report(t_start, scrapes)
         self._write(report)
         return report
+
+    def _drain(self, timeout_s: float = 45.0) -> dict[str, Scrape]:
+        """With the workload stopped, give the trainer until it has caught up with the samples the stream has
+        emitted (two equal readings in a row), so the report compares finished counts, not a race."""
+        deadline, equal = time.time() + timeout_s, 0
+        while True:
+            scrapes = {k: scrape(u) for k, u in self._urls().items()}
+            tr = scrapes.get("trainer", Scrape())
+            emitted = _count(scrapes.get("stream", Scrape()).value("zenith_stream_samples_total"))
+            trained = _count(tr.value("zenith_trainer_samples_total"))
+            caught_up = emitted > 0 and trained + _count(tr.value("zenith_trainer_duplicate_samples_total")) >= emitted
+            equal = equal + 1 if caught_up else 0
+            if equal >= 2 or time.time() >= deadline or any(p.poll() is not None for p in self.children.values()):
+                return scrapes
+            time.sleep(1.0)
 
     def _stop_children(self) -> None:
         for p in self.children.values():
