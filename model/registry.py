@@ -832,6 +832,8 @@ class VersionWriter:
                 state = load_trainer_state(self.registry, manifest)
             except CorruptVersion as exc:
                 log.warning("skipping version %s for resume: %s", v, exc)
+                with contextlib.suppress(OSError):  # so scorers and operators see it too
+                    self.registry.mark_unusable(v, exc.reason)
                 continue
             model.train()
             for t in model.embedding_tables().values():

@@ -193,6 +193,7 @@ def test_resume_for_training_skips_corrupt_and_continues_the_chain(tmp_path: Pat
     assert resumed is not None
     model, manifest, trainer_state = resumed
     assert manifest == good and model.training and torch.equal(model.predict(EVAL), expected)
+    assert list(reg.unusable()) == [2] and "checksum" in reg.unusable()[2]  # recorded for scorers too
     assert trainer_state is not None and torch.equal(trainer_state["dense.exp_avg"], state["dense.exp_avg"])
     learner2 = OnlineLearner(model, SPEC)
     learner2.step(DATA[128:256])
