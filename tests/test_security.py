@@ -163,3 +163,53 @@ def test_compose_keeps_credentials_in_an_env_file_and_publishes_little() -> None
     example = (root / "deploy" / "compose.env.example").read_text()
     assert "REDIS_PASSWORD=" in example and "GRAFANA_ADMIN_PASSWORD=" in example
     assert ".env" in (root / ".gitignore").read_text().split()
+
+
+def test_the_stream_works_through_a_sasl_broker(tmp_path: Path, redis_url: str, redis_client) -> None:
+    """A broker whose only client listener demands SASL/PLAIN: plaintext clients are refused, and the stream
+    worker (Faust/aiokafka) and the confluent-kafka clients get through with the typed settings."""
+    from confluent_kafka import Consumer
+
+    from deploy.infra import LocalKafka, broker_answers, free_ports
+
+    port, cport = free_ports(2)
+    broker = LocalKafka(port=port, controller_port=cport, data_dir=tmp_path / "kafka",
+                        sasl_plain_users={"admin": "admin-pw", "zenith": PASSWORD})
+    broker.start()
+    try:
+        broker.wait_ready(90)
+        assert not broker_answers(broker.bootstrap, timeout=3), "a plaintext client must not get metadata"
+        security = KafkaSecurity(protocol=SecurityProtocol.SASL_PLAINTEXT, sasl_mechanism=SaslMechanism.PLAIN,
+                                 sasl_username="zenith", sasl_password=PASSWORD)
+        prefix = f"k{uuid.uuid4().hex[:8]}."
+        topics = Topics(prefix)
+        ensure_topics(broker.bootstrap, topics, security=security)
+        events = list(Simulator(SimConfig(n_users=30, n_authors=10, seed=9, start_ms=int(time.time() * 1000) - 60_000,
+                                          requests_per_s=8, late_fraction=0.0, max_watch_s=10.0)
+                                ).events(max_impressions=100))
+        producer = EventProducer(broker.bootstrap, topics, security)
+        for ev in events:
+            producer.send(ev)
+        producer.flush()
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "REDIS_URL": redis_url,
+               "ZENITH_TOPIC_PREFIX": prefix, "ZENITH_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+               "ZENITH_KAFKA_SASL_MECHANISM": "PLAIN", "ZENITH_KAFKA_SASL_USERNAME": "zenith",
+               "ZENITH_KAFKA_SASL_PASSWORD": PASSWORD, "ZENITH_WINDOW_S": "3", "ZENITH_LATENESS_S": "1",
+               "ZENITH_IDLE_ADVANCE_S": "2", "ZENITH_STREAM_METRICS_PORT": "0"}
+        worker = subprocess.Popen([sys.executable, "-m", "deploy.cli", "stream", "worker"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        n = sum(isinstance(e, Impression) for e in events)
+        c = Consumer({"bootstrap.servers": broker.bootstrap, **security.confluent(), "group.id": f"chk-{uuid.uuid4()}",
+                      "auto.offset.reset": "earliest"})
+        c.subscribe([topics.samples])
+        got, deadline = 0, time.monotonic() + 120
+        try:
+            while got < n and time.monotonic() < deadline and worker.poll() is None:
+                got += sum(1 for m in c.consume(500, timeout=0.5) if not m.error())
+        finally:
+            c.close()
+            worker.terminate()
+            _, err = worker.communicate(timeout=30)
+        assert got == n, err.decode()[-3000:]
+    finally:
+        broker.stop()

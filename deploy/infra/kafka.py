@@ -135,15 +135,16 @@ def _quiet_logger() -> logging.Logger:
     return log
 
 
-def broker_answers(bootstrap: str, timeout: float = 2.0) -> bool:
-    """True when a Kafka broker at ``bootstrap`` returns metadata listing at least one broker."""
+def broker_answers(bootstrap: str, timeout: float = 2.0, client_config: dict | None = None) -> bool:
+    """True when a Kafka broker at ``bootstrap`` returns metadata listing at least one broker.
+    ``client_config``: extra librdkafka properties (security) for brokers that demand them."""
     from confluent_kafka.admin import AdminClient  # heavy import; keep `zenith --help` fast
 
     host, _, port = bootstrap.split(",")[0].rpartition(":")
     if not tcp_answers(host or LOOPBACK, int(port)):
         return False
     admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": int(timeout * 1000),
-                         "logger": _quiet_logger()})
+                         **(client_config or {}), "logger": _quiet_logger()})
     try:
         md = admin.list_topics(timeout=timeout)
     except Exception:  # KafkaException while the broker is still fenced or electing
@@ -165,6 +166,9 @@ class LocalKafka:
     version: str = KAFKA_VERSION
     heap: str = "512m"
     num_partitions: int = 4
+    # SASL/PLAIN users (name -> password) for a client listener that requires authentication (tests of the
+    # clients' security settings); None: PLAINTEXT. The first user is also the broker's own identity.
+    sasl_plain_users: dict[str, str] | None = field(default=None, repr=False)
     pid: int | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -240,6 +244,21 @@ class LocalKafka:
             "num.recovery.threads.per.data.dir": "1",
             "background.threads": "4",
         }
+        if self.sasl_plain_users:
+            listener = "SASL_PLAINTEXT"
+            first, first_pw = next(iter(self.sasl_plain_users.items()))
+            users = " ".join(f'user_{u}="{pw}"' for u, pw in self.sasl_plain_users.items())
+            props |= {
+                "listeners": f"{listener}://{LOOPBACK}:{self.port},CONTROLLER://{LOOPBACK}:{self.controller_port}",
+                "advertised.listeners": f"{listener}://{LOOPBACK}:{self.port}",
+                "listener.security.protocol.map": f"{listener}:{listener},CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name": listener,
+                "sasl.enabled.mechanisms": "PLAIN",
+                "sasl.mechanism.inter.broker.protocol": "PLAIN",
+                "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+                    "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                    f'username="{first}" password="{first_pw}" {users};',
+            }
         self.server_properties.write_text(
             "# Written by deploy/infra/kafka.py; regenerated on every start.\n"
             + "".join(f"{k}={v}\n" for k, v in props.items())
@@ -293,7 +312,15 @@ class LocalKafka:
         return pid_matches(self.pid, "kafka.Kafka", str(self.server_properties))
 
     def healthy(self, timeout: float = 2.0) -> bool:
-        return self.is_running() and broker_answers(self.bootstrap, timeout)
+        return self.is_running() and broker_answers(self.bootstrap, timeout, self.client_config())
+
+    def client_config(self) -> dict[str, str]:
+        """librdkafka properties a client needs for this broker (SASL/PLAIN as the first user, if any)."""
+        if not self.sasl_plain_users:
+            return {}
+        user, pw = next(iter(self.sasl_plain_users.items()))
+        return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN", "sasl.username": user,
+                "sasl.password": pw}
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until the broker serves metadata; raise with the log tail if it died or took too long."""
@@ -303,7 +330,7 @@ class LocalKafka:
                 code = self._proc.poll() if self._proc is not None else None
                 raise InfraError(f"the Kafka broker exited during start-up (exit code {code}).\n"
                                  f"{tail(self.console_log)}\n{tail(self.server_log, 15)}")
-            if broker_answers(self.bootstrap, timeout=2.0):
+            if broker_answers(self.bootstrap, timeout=2.0, client_config=self.client_config()):
                 return
             if time.monotonic() >= deadline:
                 raise InfraError(f"the Kafka broker at {self.bootstrap} did not answer within {timeout:.0f} s "
