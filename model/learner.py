@@ -56,9 +56,10 @@ class OnlineLearner:
         self.model = model.to(self.device)
         self.dense_opt = torch.optim.AdamW(list(model.dense_parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sparse_opt = make_sparse_optimizer(cfg.sparse_optim, model.deep_sparse_parameters(), cfg.emb_lr)
-        wide = model.wide_parameters()
-        self.wide_opt = RowWiseAdagrad([{"params": wide[:1]}, {"params": wide[1:], "lr": cfg.wide_dense_lr}],
-                                       lr=cfg.wide_lr, eps=cfg.wide_beta) if wide else None
+        wide = model.wide
+        self.wide_opt = None if wide is None else RowWiseAdagrad(
+            [{"params": [wide.table.weight]}, {"params": wide.linear_parameters(), "lr": cfg.wide_dense_lr}],
+            lr=cfg.wide_lr, eps=cfg.wide_beta)
         self.autocast = cfg.bf16_autocast and self.device.type == "cuda"
         self.fused_score = fused_score and model.train_eval_identical
         self.steps = 0

@@ -99,6 +99,10 @@ class WidePath(nn.Module):
         """``ids [B, n_ids]`` raw int64, ``dense [B, n_dense]`` normalised -> logits ``[B, n_tasks]``."""
         return self.table(self.keys(ids)).sum(dim=1) + dense @ self.dense_rows + self.bias
 
+    def linear_parameters(self) -> list[nn.Parameter]:
+        """The dense features' weight rows and the bias row (seen by every sample, unlike table rows)."""
+        return [self.dense_rows, self.bias]
+
     def row_parameters(self) -> list[nn.Parameter]:
         """Everything the wide path learns, all 2-d and row-wise: the id/cross table, dense rows, bias."""
-        return [self.table.weight, self.dense_rows, self.bias]
+        return [self.table.weight, *self.linear_parameters()]
