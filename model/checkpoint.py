@@ -40,6 +40,7 @@ from model.spec import FeatureSpec
 
 FORMAT = "zenith-ranker/1"
 _OPT = "__optim__"
+_COUNTERS = ("steps", "samples")  # scalars stored beside the per-optimizer entries of the metadata
 
 
 class CheckpointMismatch(ValueError):
@@ -75,9 +76,8 @@ def save_checkpoint(path: str | Path, model: Ranker, learner: OnlineLearner | No
     optim_meta: dict[str, Any] | None = None
     if learner is not None:
         optim_meta = {}
-        for which, sd in learner.optimizer_state().items():
-            if which in ("steps", "samples"):
-                continue
+        for which, opt in learner.optimizers().items():
+            sd = opt.state_dict()
             scalars: dict[str, dict[str, Any]] = {}
             for pid, st in sd["state"].items():
                 for key, val in st.items():
@@ -155,7 +155,7 @@ def _optimizer_state(optim_meta: dict[str, Any] | None, tensors: dict[str, torch
         return None
     out: dict[str, Any] = {"steps": optim_meta["steps"], "samples": optim_meta["samples"]}
     for which, m in optim_meta.items():
-        if which in ("steps", "samples"):
+        if which in _COUNTERS:
             continue
         state: dict[int, dict[str, Any]] = {int(pid): dict(m["scalars"].get(pid, {})) for pid in m["state_ids"]}
         prefix = f"{_OPT}.{which}."

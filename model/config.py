@@ -91,7 +91,6 @@ class ModelConfig:
     emb_lr: float = 0.05  # sparse optimizer
     sparse_optim: SparseOptim = SparseOptim.ROWWISE_ADAGRAD
     grad_clip: float = 5.0
-    passes: int = 1  # optimizer steps per mini-batch (after it was scored): sample efficiency online
     seed: int = 0
     bf16_autocast: bool = False  # CUDA only; ignored on CPU
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form notes, saved with the model
@@ -130,7 +129,6 @@ class ModelConfig:
         need(d > 0 and self.n_layers >= 1, f"d_model and n_layers must be positive (got {d}, {self.n_layers})")
         need(self.emb_dim > 0 and self.emb_buckets >= 2 and 1 <= self.emb_hashes <= 8,
              "emb_dim > 0, emb_buckets >= 2 and emb_hashes in 1..8 are required")
-        need(self.passes >= 1, f"passes (optimizer steps per batch) must be >= 1, got {self.passes}")
         need(self.head_hidden > 0 and self.ffn_mult > 0, "head_hidden and ffn_mult must be positive")
         need(not self.wide or (self.wide_buckets >= 2 and self.wide_lr > 0),
              f"the wide path needs wide_buckets >= 2 and wide_lr > 0 (got {self.wide_buckets}, {self.wide_lr}); "

@@ -29,9 +29,6 @@ True
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
@@ -44,26 +41,18 @@ _CLAMP = 8.0  # a standardised value beyond ±8 is an outlier; clip it rather th
 class DenseInput(nn.Module):
     def __init__(self, spec: FeatureSpec, normalize: bool = True, max_count: float = 1e5) -> None:
         super().__init__()
-        self.normalize, self.max_count, self.tracking = normalize, max_count, True
-        rate = torch.tensor([d.kind is DenseKind.RATE for d in spec.dense], dtype=torch.bool)
-        self.register_buffer("_rate", rate, persistent=False)
+        self.normalize, self.max_count = normalize, max_count
+        rate = [d.kind is DenseKind.RATE for d in spec.dense]
+        self._any_rate = any(rate)  # a Python bool: no device sync per forward
+        self.register_buffer("_rate", torch.tensor(rate, dtype=torch.bool), persistent=False)
         n = spec.n_dense
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(n, dtype=torch.float64))
 
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[None]:
-        """Forwards inside do not move the statistics (a second pass over a batch already counted)."""
-        tracking, self.tracking = self.tracking, False
-        try:
-            yield
-        finally:
-            self.tracking = tracking
-
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """The fixed part: rates to logits."""
-        if not bool(self._rate.any()):
+        if not self._any_rate:
             return x
         p = x.clamp(_RATE_EPS, 1 - _RATE_EPS)
         return torch.where(self._rate, torch.log(p) - torch.log1p(-p), x)
@@ -72,12 +61,11 @@ class DenseInput(nn.Module):
         x = self.transform(x.float())
         if not self.normalize:
             return x
-        if self.count > 1:
-            std = (self.m2 / (self.count - 1)).clamp_min(1e-6).sqrt()
-            y = ((x.double() - self.mean) / std).clamp(-_CLAMP, _CLAMP).to(x.dtype)
-        else:
-            y = x
-        if self.training and self.tracking and torch.is_grad_enabled():
+        # torch.where rather than `if self.count > 1`: no host sync on the serving/training hot path
+        std = (self.m2 / (self.count - 1).clamp_min(1.0)).clamp_min(1e-6).sqrt()
+        standardised = ((x.double() - self.mean) / std).clamp(-_CLAMP, _CLAMP).to(x.dtype)
+        y = torch.where(self.count > 1, standardised, x)  # identity until two rows were seen
+        if self.training and torch.is_grad_enabled():
             self._update(x.detach().double())
         return y
 

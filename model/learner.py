@@ -88,9 +88,6 @@ class OnlineLearner:
         batch = self.to_batch(data)
         pre_probs = None if self.fused_score else self.score(batch)
         logits, aux, task_losses = self._learn(batch)
-        for _ in range(self.config.passes - 1):  # more steps on the freshest data; its stats count once
-            with self.model.dense_in.frozen():
-                self._learn(batch)
         self.steps += 1
         self.samples += len(batch)
         if pre_probs is None:
