@@ -12,7 +12,7 @@ SETUP_STAMP := .zenith/.setup-stamp
 .PHONY: help setup system-packages python-packages test up down lint
 
 help:
-	@echo "make setup   install redis-server/Java/Maven if missing, the package, and the Kafka jars"
+	@echo "make setup   install redis-server/redis-cli/Java/Maven if missing, the package, and the Kafka jars"
 	@echo "make test    setup, then the test suite (real Kafka broker and redis-server)"
 	@echo "make up      setup, then the main job (zenith up)"
 	@echo "make down    stop the local stack (zenith infra down)"
@@ -25,6 +25,7 @@ setup: system-packages python-packages
 system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null 2>&1 || missing="$$missing redis-tools"; \
 	command -v java >/dev/null 2>&1 || missing="$$missing openjdk-17-jre-headless"; \
 	command -v mvn >/dev/null 2>&1 || missing="$$missing maven"; \
 	if [ -n "$$missing" ]; then \
@@ -33,7 +34,8 @@ system-packages:
 	  case "$$missing" in *redis-server*) \
 	    $(SUDO) service redis-server stop >/dev/null 2>&1 || true;; esac; \
 	fi
-# (The packaged redis service is stopped again: the project runs its own redis-server on its own port.)
+# (The packaged redis service is stopped again: the project runs its own redis-server on its own port.
+# redis-cli, from redis-tools, forms the test Redis Cluster; redis-server depends on it, but check anyway.)
 
 # Re-run pip only when pyproject.toml changed or the package is not importable.
 python-packages:

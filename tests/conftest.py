@@ -8,12 +8,13 @@ Tests that use these fixtures are marked ``integration`` (``-m "not integration"
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 
-_INFRA_FIXTURES = {"kafka_bootstrap", "redis_url", "redis_client", "kafka_topic_factory"}
+_INFRA_FIXTURES = {"kafka_bootstrap", "redis_url", "redis_client", "kafka_topic_factory", "redis_cluster_url"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,6 +42,25 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from deploy.infra.provision import provide_redis
 
     with provide_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``redis://127.0.0.1:PORT/0`` of one node of a real Redis Cluster (three masters, no replicas, all
+    16384 slots assigned); ``redis.cluster.RedisCluster.from_url`` discovers the other nodes from it.
+
+    ZENITH_TEST_REDIS_CLUSTER_URL set: that cluster is used and nothing is started (tests write keys there).
+    Else three cluster-mode redis-servers on free loopback ports, formed with ``redis-cli --cluster create``
+    (see ``deploy.infra.redis.LocalRedisCluster``) and stopped at the end of the session.
+    """
+    explicit = os.environ.get("ZENITH_TEST_REDIS_CLUSTER_URL")
+    if explicit:
+        yield explicit
+        return
+    from deploy.infra import ephemeral_redis_cluster
+
+    with ephemeral_redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as url:
         yield url
 
 

@@ -22,9 +22,11 @@ from deploy.infra import (
     InfraError,
     LocalKafka,
     LocalRedis,
+    LocalRedisCluster,
     LocalStack,
     broker_answers,
     ephemeral_redis,
+    ephemeral_redis_cluster,
     fetch_jars,
     free_ports,
     port_is_free,
@@ -32,6 +34,7 @@ from deploy.infra import (
 )
 from deploy.infra.kafka import java_executable
 from deploy.infra.process import pid_alive
+from deploy.infra.redis import cluster_info
 
 pytestmark = pytest.mark.integration
 
@@ -244,3 +247,190 @@ def test_cli_up_fails_when_the_servers_named_by_the_environment_do_not_answer(cl
     assert run.returncode != 0, run.stdout
     assert "KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:1 does not answer" in run.stderr
     assert "KAFKA_BOOTSTRAP_SERVERS=" not in run.stdout  # nothing to export
+
+
+# -- Redis Cluster -------------------------------------------------------------------------------------
+_PAIR_LUA = "redis.call('SET', KEYS[1], ARGV[1]); redis.call('SET', KEYS[2], ARGV[1]); " \
+            "return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2])}"
+
+
+def test_redis_cluster_routes_by_slot(redis_cluster_url: str) -> None:
+    import asyncio
+    import hashlib
+
+    import redis
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.cluster import RedisCluster
+
+    rc = RedisCluster.from_url(redis_cluster_url)
+    try:
+        primaries = rc.get_primaries()
+        assert len(primaries) == 3
+        assert all(cluster_info(f"redis://{n.host}:{n.port}/0").get("cluster_state") == "ok" for n in primaries)
+
+        # Keys spread over all masters, each stored on the master that owns its slot.
+        run = uuid.uuid4().hex[:8]
+        keys = [f"spread:{run}:{i}" for i in range(60)]
+        for k in keys:
+            rc.set(k, k)
+        by_node: dict[str, list[str]] = {}
+        for k in keys:
+            by_node.setdefault(rc.get_node_from_key(k).name, []).append(k)
+        assert len(by_node) == 3
+        for node in primaries:
+            direct = redis.Redis(host=node.host, port=node.port)
+            try:
+                assert all(direct.get(k) == k.encode() for k in by_node[node.name])
+            finally:
+                direct.close()
+        assert rc.delete(*keys) == len(keys)  # redis-py splits a multi-slot DEL per slot
+
+        # Keys in different slots in one command: the server answers CROSSSLOT (redis-py's own check, before
+        # sending, raises RedisClusterException, which is not a RedisError).
+        a, b = f"x:{run}:a", f"x:{run}:b"
+        assert rc.keyslot(a) != rc.keyslot(b)
+        with pytest.raises(redis.exceptions.ClusterCrossSlotError, match="same slot"):
+            rc.execute_command("MSET", a, "1", b, "2", target_nodes=rc.get_node_from_key(a))
+        with pytest.raises(redis.exceptions.ClusterCrossSlotError, match="same slot"):
+            rc.execute_command("EVAL", _PAIR_LUA, 2, a, b, "1", target_nodes=rc.get_node_from_key(a))
+        with pytest.raises(redis.exceptions.RedisClusterException, match="same key slot"):
+            rc.mset({a: "1", b: "2"})
+        with pytest.raises(redis.exceptions.CrossSlotTransactionError):
+            tx = rc.pipeline(transaction=True)
+            tx.set(a, "1")
+            tx.set(b, "2")
+            tx.execute()
+
+        # A shared hash tag: one slot, so MULTI/EXEC and a two-key EVAL work.
+        ka, kb = "{u:alice}:a", "{u:alice}:b"
+        assert rc.keyslot(ka) == rc.keyslot(kb)
+        rc.delete(ka, kb)
+        tx = rc.pipeline(transaction=True)
+        tx.set(ka, "1")
+        tx.incr(kb)
+        tx.get(ka)
+        set_reply, incr_reply, get_reply = tx.execute()
+        assert set_reply in (True, b"OK")  # redis-py 8.2's sync cluster MULTI hands back SET's raw b"OK"
+        assert (incr_reply, get_reply) == (1, b"1")
+        assert rc.eval(_PAIR_LUA, 2, ka, kb, "v") == [b"v", b"v"]
+        rc.delete(ka, kb)
+    finally:
+        rc.close()
+
+    async def async_pipeline_with_evalsha() -> None:
+        arc = AsyncRedisCluster.from_url(redis_cluster_url)
+        try:
+            await arc.initialize()
+            # SCRIPT LOAD goes to every primary by default in redis-py's cluster clients (one SHA back);
+            # target_nodes=PRIMARIES says so explicitly.
+            sha = await arc.execute_command("SCRIPT LOAD", _PAIR_LUA, target_nodes=AsyncRedisCluster.PRIMARIES)
+            assert sha == await arc.script_load(_PAIR_LUA)
+            for node in arc.get_primaries():
+                assert await arc.execute_command("SCRIPT EXISTS", sha, target_nodes=node) == [True]
+
+            tags = ["{u:alice}", "{u:bob}", "{u:carol}"]
+            pipe = arc.pipeline()
+            for i, tag in enumerate(tags):
+                pipe.evalsha(sha, 2, f"{tag}:a", f"{tag}:b", str(i))
+            for tag in tags:
+                pipe.get(f"{tag}:b")
+            assert await pipe.execute() == [[str(i).encode()] * 2 for i in range(3)] + [b"0", b"1", b"2"]
+
+            async with arc.pipeline(transaction=True) as tx:  # MULTI/EXEC on one slot
+                tx.evalsha(sha, 2, "{u:alice}:a", "{u:alice}:b", "t")
+                tx.get("{u:alice}:a")
+                assert await tx.execute() == [[b"t", b"t"], b"t"]
+
+            unknown = hashlib.sha1(uuid.uuid4().bytes).hexdigest()
+            with pytest.raises(redis.exceptions.NoScriptError):
+                await arc.evalsha(unknown, 2, "{u:alice}:a", "{u:alice}:b", "x")
+            pipe = arc.pipeline()
+            pipe.evalsha(unknown, 2, "{u:alice}:a", "{u:alice}:b", "x")
+            with pytest.raises(redis.exceptions.NoScriptError):
+                await pipe.execute()
+            with pytest.raises(redis.exceptions.RedisClusterException, match="same key slot"):
+                await arc.evalsha(sha, 2, "{u:alice}:a", "{u:bob}:a", "x")
+            for tag in tags:
+                await arc.delete(f"{tag}:a", f"{tag}:b")
+        finally:
+            await arc.aclose()
+
+    asyncio.run(async_pipeline_with_evalsha())
+
+
+def test_redis_cluster_master_killed_comes_back_with_its_slots(tmp_path: Path) -> None:
+    import redis
+    from redis.cluster import RedisCluster
+
+    ports = free_ports(6)
+    cluster = LocalRedisCluster(ports=ports[:3], bus_ports=ports[3:], data_dir=tmp_path)
+    try:
+        cluster.start()
+        assert cluster.is_running()
+        assert cluster.url == f"redis://127.0.0.1:{ports[0]}/0"
+        assert cluster.node_urls == [f"redis://127.0.0.1:{p}/0" for p in ports[:3]]
+        victim = redis.Redis.from_url(cluster.node_urls[1])
+        node_id = victim.execute_command("CLUSTER MYID")
+        slots_before = victim.execute_command("CLUSTER SLOTS")
+        victim.close()
+
+        rc = RedisCluster.from_url(cluster.url)
+        keys = [f"k{i}" for i in range(30)]
+        for k in keys:
+            rc.set(k, k)
+        assert any(rc.get_node_from_key(k).port == ports[1] for k in keys)
+        rc.close()
+
+        cluster.kill_node(1)
+        assert not cluster.is_running()
+        deadline = time.monotonic() + 15  # node timeout 2 s: the others mark it failed, slots uncovered
+        while cluster_info(cluster.url).get("cluster_state") != "fail":
+            assert time.monotonic() < deadline, cluster_info(cluster.url)
+            time.sleep(0.1)
+
+        cluster.restart_node(1)  # same port, same dir: nodes.conf and the AOF bring it back as it was
+        assert cluster.is_running()
+        victim = redis.Redis.from_url(cluster.node_urls[1])
+        assert victim.execute_command("CLUSTER MYID") == node_id
+        assert victim.execute_command("CLUSTER SLOTS") == slots_before
+        victim.close()
+        rc = RedisCluster.from_url(cluster.url)
+        assert [rc.get(k) for k in keys] == [k.encode() for k in keys]
+        rc.close()
+    finally:
+        cluster.stop()
+    assert not cluster.is_running()
+    assert all(port_is_free(p) for p in ports)
+
+
+def test_ephemeral_redis_cluster_is_torn_down(tmp_path: Path) -> None:
+    with ephemeral_redis_cluster(tmp_path) as url:
+        assert cluster_info(url).get("cluster_state") == "ok"
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+    assert not redis_answers(url)
+    assert port_is_free(port)
+
+
+def test_redis_cluster_missing_cli_or_failed_create_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = shutil.which("redis-server")
+    assert server is not None
+    only_server = tmp_path / "bin"
+    only_server.mkdir()
+    (only_server / "redis-server").symlink_to(server)
+    monkeypatch.setenv("PATH", str(only_server))
+    ports = free_ports(6)
+    cluster = LocalRedisCluster(ports=ports[:3], bus_ports=ports[3:], data_dir=tmp_path / "a")
+    with pytest.raises(InfraError, match=r"`redis-cli` is not on PATH.*make setup.*redis-tools"):
+        cluster.start()
+    assert not any(n.is_running() for n in cluster.nodes)  # nothing started
+
+    failing_cli = only_server / "redis-cli"
+    failing_cli.write_text("#!/bin/sh\necho '[ERR] Node is not empty (stub)'\nexit 1\n")
+    failing_cli.chmod(0o755)
+    cluster = LocalRedisCluster(ports=ports[:3], bus_ports=ports[3:], data_dir=tmp_path / "b")
+    try:
+        with pytest.raises(InfraError, match=r"(?s)cluster create` failed \(exit code 1\).*Node is not empty \(stub\)"):
+            cluster.start(timeout=10)
+    finally:
+        cluster.stop()
+    assert all(port_is_free(p) for p in ports[:3])
