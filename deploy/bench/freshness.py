@@ -33,6 +33,8 @@ from typing import Any
 
 import typer
 
+from deploy.bench.stats import percentile
+
 # (key, label, report stage name or None for exact-only rows, what it adds)
 STAGES = [
     ("event_to_sample", "event -> sample (incl. attribution window)", "event -> sample (incl. attribution window)"),
@@ -52,7 +54,10 @@ def _cumulative(key: str) -> bool:
 @contextlib.contextmanager
 def _stack(tmp: Path) -> Iterator[tuple[str, str, bool]]:
     """(bootstrap, redis url, ours): ours=True when the servers are throwaway (so Redis may be flushed)."""
-    kafka, redis_url = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("REDIS_URL")
+    from deploy.config import Settings
+
+    settings = Settings()
+    kafka, redis_url = settings.kafka_bootstrap_servers, settings.redis_url
     if kafka and redis_url:
         yield kafka, redis_url, False
         return
@@ -60,15 +65,6 @@ def _stack(tmp: Path) -> Iterator[tuple[str, str, bool]]:
 
     with ephemeral_stack(tmp) as ep:
         yield ep.kafka_bootstrap, ep.redis_url, True
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def _exact_samples(bootstrap: str, topic: str, window_s: float, timeout_s: float = 30.0) -> dict:
@@ -97,8 +93,8 @@ def _exact_samples(bootstrap: str, topic: str, window_s: float, timeout_s: float
     delay = ((d.emitted_ms - d.arrays.event_ms) / 1000.0).tolist()
     close = [max(x - window_s, 0.0) for x in delay]
     return {"count": len(delay),
-            "event_to_sample": {"p50_s": _pct(delay, 0.5), "p99_s": _pct(delay, 0.99)},
-            "close_to_sample": {"p50_s": _pct(close, 0.5), "p99_s": _pct(close, 0.99)}}
+            "event_to_sample": {"p50_s": percentile(delay, 0.5), "p99_s": percentile(delay, 0.99)},
+            "close_to_sample": {"p50_s": percentile(close, 0.5), "p99_s": percentile(close, 0.99)}}
 
 
 def _exact_versions(registry_dir: Path, started_s: float) -> dict:
@@ -114,7 +110,7 @@ def _exact_versions(registry_dir: Path, started_s: float) -> dict:
             continue
         if m.created_ms / 1000 >= started_s and m.watermark_ms > 0:
             ages.append((m.created_ms - m.watermark_ms) / 1000.0)
-    return {"count": len(ages), "p50_s": _pct(ages, 0.5), "p99_s": _pct(ages, 0.99)}
+    return {"count": len(ages), "p50_s": percentile(ages, 0.5), "p99_s": percentile(ages, 0.99)}
 
 
 def run_one(bootstrap: str, redis_url: str, flush_redis: bool, tmp: Path, rate: float, duration_s: float,
