@@ -81,8 +81,8 @@ def bounds(cfg: Any = None) -> dict[str, str]:
                 f"{logs}",
         "author": f"{dur('author_ttl_s')} after the last event; {logs}",
         "pending": "window + lateness: dropped once its sample is acknowledged",
-        "dedup": f"ev:* one per event for {dur('dedup_ttl_s')} (grows with the event rate); pos: one field per "
-                 f"topic-partition",
+        "dedup": ("ev:* one per event for " + (dur("dedup_ttl_s") if hasattr(cfg, "dedup_ttl_s") else "its TTL")
+                  + " (grows with the event rate); pos: one field per topic-partition (O(partitions))"),
         "other": "not in the bench's key table (deploy/bench/redis_cost.py KEY_SCHEMA)",
     }
 
