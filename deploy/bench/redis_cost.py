@@ -26,6 +26,7 @@ KEY_SCHEMA: list[tuple[str, str, str]] = [
     (r"pos", "dedup", "pos"),
     (r"\{jp:(?P<id>[^}]*)\}:join", "pending", "join"),
     (r"\{jp:(?P<id>[^}]*)\}:pos", "dedup", "pos"),
+    (r"\{jp:(?P<id>[^}]*)\}:meta", "dedup", "pos"),  # epoch + pos:<topic>/<partition> of the join
     # old layout
     (r"ev:(?P<id>.*)", "dedup", "ev"),
     (r"u:(?P<id>.*):log", "user", "log"),
@@ -80,9 +81,11 @@ def bounds(cfg: Any = None) -> dict[str, str]:
         "room": f"{dur('room_ttl_s')} while live (room events refresh it), {dur('ended_room_ttl_s')} after the end; "
                 f"{logs}",
         "author": f"{dur('author_ttl_s')} after the last event; {logs}",
-        "pending": "window + lateness: dropped once its sample is acknowledged",
+        "pending": "window + lateness: dropped once its sample is acknowledged (the join hash also keeps closed "
+                   "impressions, held engagements and seen ids for a bounded time)",
         "dedup": ("ev:* one per event for " + (dur("dedup_ttl_s") if hasattr(cfg, "dedup_ttl_s") else "its TTL")
-                  + " (grows with the event rate); pos: one field per topic-partition (O(partitions))"),
+                  + " (grows with the event rate); pos/meta: one field per topic-partition (O(partitions)), "
+                    "plus pos: fields inside entity hashes, expiring with them"),
         "other": "not in the bench's key table (deploy/bench/redis_cost.py KEY_SCHEMA)",
     }
 
@@ -98,8 +101,11 @@ def redis_memory(redis_url: str, prefix: str = "zl:", sample: int = 500, seed: i
     SCAN lists every key; ``MEMORY USAGE key SAMPLES 0`` (exact for that key) runs on up to ``sample`` keys of
     each (kind, part), and a part's bytes are its sampled mean times its key count. A user's (room's, author's)
     bytes are the sum over its keys (hash, log, seq) divided by the number of distinct ids. Pending impressions
-    are counted from the join hashes (``sum(len(obj["p"]))`` over their fields, read whole). The TTLs seen on
-    the sampled keys are reported beside the configured bounds.
+    are counted from the join hashes (``sum(len(obj["p"]))`` over their fields, read whole); the join hashes'
+    bytes are split between pending impressions, closed impressions, held engagements and seen ids in
+    proportion to their encoded lengths, and a pending impression's bytes are its share over their number.
+    Position fields (``pos:*``) inside the sampled entity hashes are counted too. The TTLs seen on the sampled
+    keys are reported beside the configured bounds.
     """
     import orjson
     import redis
@@ -137,27 +143,52 @@ def redis_memory(redis_url: str, prefix: str = "zl:", sample: int = 500, seed: i
                                 "mean_key_bytes": mean, "keys_without_ttl": sum(1 for t in res[1::2] if t == -1),
                                 "ttl_s_min": min(ttls) if ttls else None, "ttl_s_max": max(ttls) if ttls else None}
         pending = None
+        join: dict[str, Any] = {}
         if ("pending", "join") in keys:
-            pending = 0
+            pending, users, enc = 0, 0, {"p": 0, "c": 0, "h": 0, "s": 0}
+            items = dict.fromkeys(enc, 0)
             for k in keys[("pending", "join")]:
                 for v in r.hgetall(k).values():
                     try:
                         obj = orjson.loads(v)
-                        pending += len(obj.get("p") or []) if isinstance(obj, dict) else 0
-                    except (orjson.JSONDecodeError, TypeError):
+                    except orjson.JSONDecodeError:
                         continue
+                    if not isinstance(obj, dict):
+                        continue
+                    users += 1
+                    for part in enc:
+                        x = obj.get(part) or []
+                        items[part] += len(x)
+                        enc[part] += len(orjson.dumps(x))
+            pending = items["p"]
+            total_enc = sum(enc.values()) or 1
+            join = {"users": users, "items": items, "encoded_share": {k: v / total_enc for k, v in enc.items()}}
         pos_fields = sum(r.hlen(k) for k in keys.get(("dedup", "pos"), []))
+        entity_pos: dict[str, float] = {}
+        for kind in ("user", "room", "author"):
+            ks = keys.get((kind, "hash"), [])
+            picked = ks if len(ks) <= sample else rng.sample(ks, sample)
+            if picked:
+                pipe = r.pipeline(transaction=False)
+                for k in picked:
+                    pipe.hkeys(k)
+                n = sum(sum(1 for f in fs if f.startswith(b"pos:")) for fs in pipe.execute())
+                entity_pos[kind] = n / len(picked) * len(ks)
     finally:
         r.close()
     for kind, d in out["kinds"].items():
         n = (pending or 0) if kind == "pending" else d["keys"] if kind in ("dedup", "other") else len(ids[kind])
         d["entities"] = n
-        d["bytes_per_entity"] = d["bytes"] / n if n else math.nan
+        bytes_ = d["bytes"] * join["encoded_share"]["p"] if kind == "pending" and join else d["bytes"]
+        d["bytes_per_entity"] = bytes_ / n if n else math.nan
+    if join:
+        out["kinds"]["pending"]["join"] = join
     dedup = out["kinds"].get("dedup", {})
     out["pending_impressions"] = pending  # None: the join state is not in Redis (old layout: Faust's table)
     out["dedup"] = {"keys": dedup.get("keys", 0), "bytes": dedup.get("bytes", 0.0),
                     "event_keys": dedup.get("parts", {}).get("ev", {}).get("keys", 0),
-                    "pos_keys": dedup.get("parts", {}).get("pos", {}).get("keys", 0), "pos_fields": pos_fields}
+                    "pos_keys": dedup.get("parts", {}).get("pos", {}).get("keys", 0), "pos_fields": pos_fields,
+                    "entity_pos_fields_estimated": {k: round(v) for k, v in entity_pos.items()}}
     out["bytes"] = sum(d["bytes"] for d in out["kinds"].values())
     return out
 

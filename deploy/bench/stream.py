@@ -30,8 +30,9 @@ input topics (a backlog). Then, in one run:
   (``zenith_freshness_event_to_sample_seconds``, ``zenith_stream_close_delay_seconds``, bucket deltas over the
   live phase, quantiles as Prometheus computes them) are printed next to them. A backlog has no meaningful
   event-to-sample delay (it measures how long the events sat in Kafka), so those columns are empty there.
-* Redis memory after the backlog (``deploy/bench/redis_cost.py``, ``redis_memory``): bytes per live user, room,
-  author, pending impression and dedup key (SCAN + MEMORY USAGE), and what bounds each (TTLs, caps).
+* Redis memory (``deploy/bench/redis_cost.py``, ``redis_memory``) after the backlog and again at the end of the
+  live phase (its last windows still open, so impressions are pending): bytes per live user, room, author,
+  pending impression and dedup key (SCAN + MEMORY USAGE), and what bounds each (TTLs, caps).
 
 ``--profile`` runs the offline path under cProfile and attributes self time to groups (Redis round trips,
 Lua/state writes, feature assembly, join, (de)serialization); time in builtins and libraries is charged to the
@@ -145,8 +146,12 @@ def run_bench(impressions: int, offline_impressions: int, window_s: float, live_
                     result["rows"] += _references(bootstrap, topics, inputs, partitions, total, n_imp, tmp,
                                                   timeout_s, app_ids, result["notes"], echo)
                 # (c) the stream worker draining the backlog, then fed live.
-                _worker_phases(result, bootstrap, redis_url, topics, partitions, window_s, total, n_imp, base,
-                               live_seconds, live_requests_per_s, seed, run, tmp, timeout_s, profile_worker, echo)
+                try:
+                    _worker_phases(result, bootstrap, redis_url, topics, partitions, window_s, total, n_imp, base,
+                                   live_seconds, live_requests_per_s, seed, run, tmp, timeout_s, profile_worker,
+                                   echo)
+                except Exception as e:  # noqa: BLE001 - reported as a failed row; the CLI exits non-zero
+                    _failed(result, "zenith stream worker: backlog drain", "app", total, e, echo)
             finally:
                 if shared:  # shared broker: leave nothing behind
                     with contextlib.suppress(Exception):
@@ -159,11 +164,17 @@ def run_bench(impressions: int, offline_impressions: int, window_s: float, live_
         # (d) the processor alone (no Kafka, no Faust), timed; then under cProfile.
         sub = sim_events(offline_impressions, seed + 2, run + "O")
         raw_sub = [encode_event(e) for e in sub]
-        with offline_redis(tmp) as (url, prefix):
-            off = offline(url, prefix, raw_sub, int(window_s * 1000), profile=False)
-        echo(f"offline processor: {off['events_per_s']:,.0f} events/s")
-        result["rows"].insert(3, {"case": "offline processor (build_samples, Redis, no Kafka/Faust)",
-                                  "kind": "offline", "x_raw": off["events_per_s"] / base, **off})
+        case = "offline processor (build_samples, Redis, no Kafka/Faust)"
+        try:
+            with offline_redis(tmp) as (url, prefix):
+                off = offline(url, prefix, raw_sub, int(window_s * 1000), profile=False)
+        except Exception as e:  # noqa: BLE001 - reported as a failed row; the CLI exits non-zero
+            _failed(result, case, "offline", len(raw_sub), e, echo)
+            result["rows"].insert(3, result["rows"].pop())
+            profile = False
+        else:
+            echo(f"offline processor: {off['events_per_s']:,.0f} events/s")
+            result["rows"].insert(3, {"case": case, "kind": "offline", "x_raw": off["events_per_s"] / base, **off})
         if profile:
             with offline_redis(tmp) as (url, prefix):
                 prof = offline(url, prefix, raw_sub, int(window_s * 1000), profile=True)
@@ -174,6 +185,15 @@ def run_bench(impressions: int, offline_impressions: int, window_s: float, live_
         r.setdefault("x_raw", eps / base if base and eps is not None else None)
     result["ceiling"] = _ceiling(result)
     return result
+
+
+def _failed(result: dict, case: str, kind: str, events: int, e: Exception, echo: Any) -> None:
+    """A row that could not be measured: kept in the table and the JSON with its error, and noted."""
+    msg = f"{type(e).__name__}: {e}"
+    echo(f"{case}: FAILED: {msg[:3000]}")
+    result["rows"].append({"case": case, "kind": kind, "events": events, "events_per_s": None, "error": msg[:5000]})
+    result["notes"].append(f"{case}: failed: {msg.splitlines()[0][:300] if msg else ''}")
+    result["failed"] = [*result.get("failed", []), case]
 
 
 def _references(bootstrap: str, topics: Any, inputs: list[str], partitions: int, total: int, n_imp: int,
@@ -236,6 +256,11 @@ def _worker_phases(result: dict, bootstrap: str, redis_url: str, topics: Any, pa
         if live_seconds > 0:
             echo(f"live phase: {live_seconds:.0f}s at {live_requests_per_s:g} feed requests/s")
             live = live_phase(bootstrap, topics, live_seconds, live_requests_per_s, seed + 1, run + "L")
+            # The last live windows are still open: pending impressions exist now (after a drain they do not).
+            try:
+                result["redis_memory_live"] = redis_memory(redis_url, _state_prefix())
+            except Exception as e:  # noqa: BLE001 - a report, not a reason to lose the run
+                result["redis_memory_live"] = {"error": f"{type(e).__name__}: {e}"}
             want = n_imp + partitions + live["impressions"]
             wait(worker, lambda ev, sa: sa >= want, window_s + LATENESS_S + 60, "the live samples")
             time.sleep(1.0)
@@ -265,7 +290,7 @@ def _worker_phases(result: dict, bootstrap: str, redis_url: str, topics: Any, pa
 def _ceiling(result: dict) -> dict:
     """Upper bounds implied by the measurements: one worker is bound by its own CPU per event; scaling out
     over partitions is bound by the single-threaded Redis server's CPU per event and by the client."""
-    rows = {r["kind"]: r for r in result["rows"] if r["kind"] in ("app", "offline")}
+    rows = {r["kind"]: r for r in result["rows"] if r["kind"] in ("app", "offline") and r.get("events_per_s")}
     out: dict[str, float] = {}
     app = rows.get("app")
     if app:
@@ -309,6 +334,8 @@ def register(bench: typer.Typer) -> None:
         if json_path:
             json_path.write_text(json.dumps(result, indent=1, default=str))
             typer.echo(f"wrote {json_path}")
+        if result.get("failed"):
+            raise typer.Exit(1)
 
 
 __all__ = ["register", "run_bench", "print_table"]

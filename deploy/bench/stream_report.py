@@ -46,8 +46,10 @@ def print_table(result: dict[str, Any]) -> None:
                   + ", ".join(f"{r['case'].split(' (')[0].removeprefix('reference: ')} {r['startup_s']:.1f}s"
                               for r in refs) + ")")
     if "redis_memory" in result:
-        print_memory(result["redis_memory"], con)
-    app = next((r for r in result["rows"] if r["kind"] == "app"), None)
+        print_memory(result["redis_memory"], con, "after the backlog")
+    if "redis_memory_live" in result:
+        print_memory(result["redis_memory_live"], con, "at the end of the live phase (last windows open)")
+    app = next((r for r in result["rows"] if r["kind"] == "app" and r.get("events_per_s") is not None), None)
     if app:
         con.print(f"backlog: worker start-up {app['startup_s']:.1f}s excluded; rate from the first event processed to "
                   f"the last sample out; consuming alone ran at {app['events_per_s_consumed']:,.0f} events/s and "
@@ -80,14 +82,14 @@ def print_table(result: dict[str, Any]) -> None:
                       + ", ".join(f"{k} {v:.1f}s" for k, v in wp["left_out_s"].items() if v) + " left out")
 
 
-def print_memory(m: dict[str, Any], con: Any) -> None:
+def print_memory(m: dict[str, Any], con: Any, when: str = "") -> None:
     """Redis bytes per live user / room / author / pending impression / dedup key, and what bounds each."""
     from rich.table import Table
 
     if "error" in m:
-        con.print(f"Redis memory: not measured: {m['error']}")
+        con.print(f"Redis memory {when}: not measured: {m['error']}")
         return
-    t = Table(title=f"Redis memory after the backlog: {m['keys']:,} keys under {m['prefix']!r} (layout {m['layout']}), "
+    t = Table(title=f"Redis memory {when}: {m['keys']:,} keys under {m['prefix']!r} (layout {m['layout']}), "
                     f"{m['bytes'] / 2**20:,.1f} MiB (MEMORY USAGE SAMPLES 0 on up to {m['sample_per_part']} keys "
                     f"per kind and part, scaled to the key count)")
     for c in ("per", "count", "keys", "bytes each", "total MiB", "keys by part (mean bytes)", "TTL seen s",
@@ -103,11 +105,20 @@ def print_memory(m: dict[str, Any], con: Any) -> None:
                   f"{d['bytes'] / 2**20:,.2f}", parts, ttl, d["bound"])
     con.print(t)
     dd = m["dedup"]
-    pending = ("not in Redis (the join state is elsewhere in this layout)" if m["pending_impressions"] is None
-               else f"{m['pending_impressions']:,}")
+    ent = dd.get("entity_pos_fields_estimated") or {}
     con.print(f"dedup keys: {dd['keys']:,} ({dd['event_keys']:,} per-event ev:* markers, {dd['pos_keys']:,} position "
-              f"hashes with {dd['pos_fields']:,} fields), {dd['bytes'] / 2**20:,.2f} MiB; pending impressions: "
-              f"{pending}")
+              f"hashes with {dd['pos_fields']:,} fields), {dd['bytes'] / 2**20:,.2f} MiB"
+              + ("; pos: fields inside entity hashes (estimated from the sample): "
+                 + ", ".join(f"{k} {v:,}" for k, v in ent.items()) if any(ent.values()) else ""))
+    join = m["kinds"].get("pending", {}).get("join")
+    if m["pending_impressions"] is None:
+        con.print("pending impressions: not in Redis (the join state is elsewhere in this layout)")
+    elif join:
+        it, sh = join["items"], join["encoded_share"]
+        con.print(f"join state: {join['users']:,} users, {it['p']:,} pending impressions ({sh['p']:.0%} of the encoded "
+                  f"bytes), {it['c']:,} closed impressions ({sh['c']:.0%}), {it['h']:,} held engagements "
+                  f"({sh['h']:.0%}), {it['s']:,} seen ids ({sh['s']:.0%}); bytes per pending impression = the "
+                  f"join hashes' bytes x the pending share / pending impressions")
 
 
 def print_profile(p: dict, con: Any, what: str) -> None:
