@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from state.store import RedisAuth, StateConfig
-from stream.app import StreamConfig
+from stream.config import StreamConfig
 from stream.events import EventLimits
 from stream.kafka_security import KafkaSecurity, SaslMechanism, SecurityProtocol
 from stream.resilience import Backoff

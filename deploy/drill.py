@@ -9,8 +9,8 @@ then reads the topics back and counts, for every impression produced:
   once, every copy carries the same labels (the trainer drops the repeats), so there is exactly one final
   sample;
 * whether the trainer's last published version counts each impression once (``samples_trained``);
-* whether every event produced reached Redis (its ``ev:`` dedup marker exists): no acknowledgement without
-  effect.
+* whether every event produced reached Redis exactly once (the users' counters sum to what the events
+  imply, ``stream/audit.py``): no acknowledgement without effect, no replay applied twice.
 
 ``zenith drill redis --repeat 3`` / ``zenith drill broker`` run it from the command line; tests/test_faults.py
 runs one repetition of each in the suite.
@@ -74,7 +74,7 @@ class DrillReport:
     repeats: int = 0  # extra identical copies (at-least-once; dropped by the trainer)
     conflicting: int = 0  # impressions whose copies disagree: two different "final" samples
     stray: int = 0  # samples of impressions never produced
-    state_missing: int = 0  # events whose state write never happened
+    state_gap: dict[str, float] = field(default_factory=dict)  # user counters: expected - stored, where != 0
     dead_letters: int = 0
     trained: int | None = None  # samples_trained of the trainer's last version
     outages_seen: float = 0.0  # the stream's own outage counter for the killed dependency
@@ -86,7 +86,7 @@ class DrillReport:
 
     @property
     def ok(self) -> bool:
-        return (self.lost == 0 and self.conflicting == 0 and self.stray == 0 and self.state_missing == 0
+        return (self.lost == 0 and self.conflicting == 0 and self.stray == 0 and not self.state_gap
                 and self.dead_letters == 0 and not self.died
                 and (self.trained is None or self.trained == self.impressions))
 
@@ -245,27 +245,12 @@ def _read_topic(bootstrap: str, topic: str, stop_when: object, timeout_s: float,
     return got
 
 
-def _state_missing(redis_url: str, event_ids: list[str], prefix: str = "zl:") -> int:
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    missing = 0
-    try:
-        for i in range(0, len(event_ids), 2000):
-            pipe = client.pipeline(transaction=False)
-            for eid in event_ids[i:i + 2000]:
-                pipe.exists(f"{prefix}ev:{eid}")
-            missing += sum(1 for x in pipe.execute() if not x)
-    finally:
-        client.close()
-    return missing
-
-
 # ---- the drill --------------------------------------------------------------------------------------------------
 def run_drill(cfg: DrillConfig, bootstrap: str | None = None) -> DrillReport:
     """One drill; ``bootstrap``: an existing broker to use (only for a Redis or no-fault drill)."""
     from model.registry import LocalDirRegistry
     from model.spec import default_live_spec
+    from stream.audit import state_gap
     from stream.events import Impression
     from stream.samples import SampleCodec
     from stream.topics import Topics, ensure_topics
@@ -355,7 +340,7 @@ def run_drill(cfg: DrillConfig, bootstrap: str | None = None) -> DrillReport:
                 report.trained = registry.read_manifest(latest).samples_trained if latest is not None else 0
             letters = _read_topic(kafka, topics.deadletter, lambda r: False, 3.0, linger_s=0)
             report.dead_letters = len(letters)
-            report.state_missing = _state_missing(redis_url, [e.event_id for e in events])
+            report.state_gap = state_gap(redis_url, events)
             for p in procs:
                 if p.name in report.died:
                     report.notes.append(f"{p.name} exited with {p.proc.returncode}:\n{p.tail()}")

@@ -1,34 +1,59 @@
 """Live state in Redis, in domain terms: record what happened, read what was known at a moment.
 
-Key schema (``prefix`` defaults to ``zl:``)::
+Key schema (``prefix`` defaults to ``zl:``; the braces are Redis Cluster hash tags, so all keys of one user,
+room or author live in one slot and each atomic step touches one slot)::
 
-    ev:{event_id}     dedup marker (SET NX): a replayed event changes nothing
-    u:{user}          hash of user counters         u:{user}:log   increments log (zset by event time)
-    u:{user}:seq      zset of the user's recent enters/watches, member "kind|room|author|secs|id"
-    r:{room}          hash of room counters + meta  r:{room}:log   increments log
-    a:{author}        hash of author counters       a:{author}:log increments log
+    {u:<user>}        hash of user counters          {u:<user>}:log   bucketed increments (zset by time)
+    {u:<user>}:seq    zset of the user's recent enters/watches, member "kind|room|author|secs|id"
+    {r:<room>}        hash of room counters + meta   {r:<room>}:log
+    {a:<author>}      hash of author counters        {a:<author>}:log
+    pos               hash "pos:<topic>/<partition>" -> the last input offset applied (one Redis)
 
-Why the increment logs: Kafka topics are consumed independently, so an engagement that happened after an
-impression can reach Redis before the impression is processed (or again, after a restart). Reads are
-therefore *as of* a time: a counter is its total minus the logged increments at or after that time, and
-the sequence is read strictly before it. Approximation, stated: logs keep ``asof_keep_ms`` of history, so
-point-in-time reads are exact for events processed up to that long out of order.
+**Idempotent by position, not by event.** Writes carry the input position (topic/partition, offset) of the
+event that made them. A batch's writes and the positions they cover are applied in one Lua call, which
+skips a partition whose range it has already applied; so a redelivered batch changes nothing and the dedup
+memory is one field per input partition, not one key per event. On Redis Cluster a call cannot span slots:
+the writes are grouped per entity and each entity's hash keeps its own ``pos:`` fields (a few per entity,
+expiring with it). Events a producer really sent twice (same id, new offset) are not caught here; the
+label join drops repeated impression and engagement ids within a user's bounded join memory.
 
-Every event's writes run in one Lua script (atomic, idempotent by event id); a batch of events and a
-batch of reads each go to Redis in one pipelined round trip.
+**Batch-level work.** Within a call, increments are merged per key (one HINCRBYFLOAT per key and field, one
+EXPIRE per key), so Redis work grows with the distinct users, rooms and authors of a batch rather than its
+events; a batch of events is one pipelined round trip.
+
+**Point in time, bucketed.** Kafka topics are consumed independently, so an engagement that happened after
+an impression can reach Redis before the impression's window closes. Reads are therefore *as of* a time: a
+counter is its total minus the logged increments after it. The logs hold increments merged per
+``log_bucket_ms`` time bucket, scored by the bucket's end, so a read as of ``t`` sees exactly the increments
+of events before ``bucket_start(t)`` (the start of t's bucket), whatever the batching: the approximation is
+that up to one bucket of the most recent history is left out, never anything from the future
+(tests/test_state_store.py checks the bound). Logs keep ``asof_keep_ms`` of history, so point-in-time reads are
+exact (to the bucket) for events processed up to that long out of order. Histories are exact (one entry per
+enter/watch, strictly before ``t``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
+from state.scripts import LuaScript
+
 ROOM_META = ("author", "category", "title", "start_ms", "end_ms")
+POSITION_FIELD = "pos:"  # prefix of the position fields ("pos:<topic>/<partition>"); never a counter
+
+
+class Entity(enum.StrEnum):
+    USER = "u"
+    ROOM = "r"
+    AUTHOR = "a"
 
 
 @dataclass(frozen=True)
@@ -67,25 +92,61 @@ class RedisAuth:
 @dataclass(frozen=True)
 class StateConfig:
     prefix: str = "zl:"
-    dedup_ttl_s: int = 24 * 3600
     user_ttl_s: int = 7 * 24 * 3600  # idle users' state expires
     room_ttl_s: int = 6 * 3600  # refreshed by every room event while it is live
     ended_room_ttl_s: int = 3600  # an ended room lingers for late impressions, then goes
     author_ttl_s: int = 30 * 24 * 3600
     asof_keep_ms: int = 3600 * 1000
+    log_bucket_ms: int = 1000  # increments logged per bucket of this width (see the module docstring)
     history_cap: int = 64  # user sequence entries kept (enters and watches)
+    events_per_call: int = 2000  # one Lua call blocks Redis for its duration: a few ms at most
+    cluster: bool | None = None  # Redis Cluster: None asks the server (INFO cluster) on connect
     # A dead server must fail a call fast (callers retry or answer 503), not hang it.
     socket_timeout_s: float = 5.0
     connect_timeout_s: float = 2.0
     auth: RedisAuth = field(default_factory=RedisAuth)
 
+    def __post_init__(self) -> None:
+        if self.log_bucket_ms <= 0 or self.asof_keep_ms < self.log_bucket_ms:
+            raise ValueError("log_bucket_ms must be > 0 and at most asof_keep_ms")
+
 
 @dataclass(frozen=True)
-class Write:
-    """One event's state change, ready for the Lua script. Built by ``LiveState.record_*``."""
+class Target:
+    """What one event changes on one user, room or author."""
 
-    keys: tuple[str, ...]
-    args: bytes
+    entity: Entity
+    ident: str
+    ttl_s: int
+    incr: dict[str, float] = field(default_factory=dict)
+    sets: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One event's state change (pure). Built by ``LiveState.record_*``, applied by ``LiveState.apply``."""
+
+    ts_ms: int
+    targets: tuple[Target, ...]
+    history: tuple[str, str] | None = None  # (user, sequence member) for enters and watches
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where an event sits in its input: ``source`` is "topic/partition"; offsets grow within a source."""
+
+    source: str
+    offset: int
+
+
+UNPOSITIONED = Position("", 0)
+"""For writes with no input position (tools, seeding): always applied, never recognised as replays."""
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    applied: int = 0  # events applied
+    replayed: int = 0  # events skipped because their position had been applied before
 
 
 @dataclass(frozen=True)
@@ -119,178 +180,227 @@ class AsOf:
 
 
 class LiveState:
-    """Typed writes and reads over Redis. Knows nothing about Kafka or event classes."""
+    """Typed writes and reads over Redis (one server or a Cluster). Knows nothing about Kafka or event classes."""
 
-    def __init__(self, client: aioredis.Redis, config: StateConfig | None = None) -> None:
+    def __init__(self, client: Any, config: StateConfig | None = None, *, cluster: bool = False) -> None:
         self.r = client
         self.cfg = config or StateConfig()
-        lua = resources.files("state").joinpath("lua/apply.lua").read_text()
-        self._apply = client.register_script(lua)
+        self.cluster = cluster
+        self._apply = LuaScript(client, "apply_batch.lua")
 
     @classmethod
     def from_url(cls, url: str, config: StateConfig | None = None) -> LiveState:
+        """A client for ``url``: a single server, or (``config.cluster``, or asked when None) a Redis Cluster
+        reached through any of its nodes."""
         config = config or StateConfig()
-        return cls(aioredis.from_url(config.auth.url(url), socket_timeout=config.socket_timeout_s,
-                                     socket_connect_timeout=config.connect_timeout_s, **config.auth.client_kwargs()),
-                   config)
+        url = config.auth.url(url)
+        kwargs = dict(socket_timeout=config.socket_timeout_s, socket_connect_timeout=config.connect_timeout_s,
+                      **config.auth.client_kwargs())
+        cluster = config.cluster if config.cluster is not None else is_cluster(url, **kwargs)
+        if cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            return cls(RedisCluster.from_url(url, **kwargs), config, cluster=True)
+        return cls(aioredis.from_url(url, **kwargs), config)
 
     async def aclose(self) -> None:
         await self.r.aclose()
 
     # ---- keys ----------------------------------------------------------------------------------------
-    def _k(self, *parts: str) -> str:
-        return self.cfg.prefix + ":".join(parts)
+    def key(self, entity: Entity, ident: str, suffix: str = "") -> str:
+        return f"{self.cfg.prefix}{{{entity.value}:{ident}}}{suffix}"
 
-    # ---- writes (pure: build a Write; `apply` sends them) -------------------------------------------
-    def record_impression(self, event_id: str, ts_ms: int, user: str, room: str, author: str,
-                          category: str) -> Write:
+    @property
+    def position_key(self) -> str:
+        return self.cfg.prefix + "pos"
+
+    # ---- writes (pure: build a Change; `apply` sends them) ------------------------------------------
+    def record_impression(self, ts_ms: int, user: str, room: str, author: str, category: str) -> Change:
         c = self.cfg
         room_set = {"author": author, "category": category} if category else {"author": author}
-        return self._write(event_id, ts_ms, [
-            ("u", user, c.user_ttl_s, {"impressions": 1}, {}),
-            ("r", room, c.room_ttl_s, {"impressions": 1}, room_set),
-        ])
+        return Change(ts_ms, (Target(Entity.USER, user, c.user_ttl_s, {"impressions": 1}),
+                              Target(Entity.ROOM, room, c.room_ttl_s, {"impressions": 1}, room_set)))
 
-    def record_enter(self, event_id: str, ts_ms: int, user: str, room: str, author: str) -> Write:
+    def record_enter(self, event_id: str, ts_ms: int, user: str, room: str, author: str) -> Change:
         c = self.cfg
-        return self._write(event_id, ts_ms, [
-            ("u", user, c.user_ttl_s, {"enters": 1}, {}),
-            ("r", room, c.room_ttl_s, {"enters": 1, "audience": 1}, {}),
-            ("a", author, c.author_ttl_s, {"enters": 1}, {}),
-        ], seq=(user, f"enter|{room}|{author}|0|{event_id}"))
+        return Change(ts_ms, (Target(Entity.USER, user, c.user_ttl_s, {"enters": 1}),
+                              Target(Entity.ROOM, room, c.room_ttl_s, {"enters": 1, "audience": 1}),
+                              Target(Entity.AUTHOR, author, c.author_ttl_s, {"enters": 1})),
+                      history=(user, f"enter|{room}|{author}|0|{event_id}"))
 
     def record_watch(self, event_id: str, ts_ms: int, user: str, room: str, author: str,
-                     seconds: float) -> Write:
+                     seconds: float) -> Change:
         c = self.cfg
-        return self._write(event_id, ts_ms, [
-            ("u", user, c.user_ttl_s, {"watch_s": seconds, "watches": 1}, {}),
-            ("r", room, c.room_ttl_s, {"watch_s": seconds, "watches": 1, "audience": -1}, {}),
-            ("a", author, c.author_ttl_s, {"watch_s": seconds, "watches": 1}, {}),
-        ], seq=(user, f"watch|{room}|{author}|{seconds}|{event_id}"))
+        return Change(ts_ms, (
+            Target(Entity.USER, user, c.user_ttl_s, {"watch_s": seconds, "watches": 1}),
+            Target(Entity.ROOM, room, c.room_ttl_s, {"watch_s": seconds, "watches": 1, "audience": -1}),
+            Target(Entity.AUTHOR, author, c.author_ttl_s, {"watch_s": seconds, "watches": 1}),
+        ), history=(user, f"watch|{room}|{author}|{seconds}|{event_id}"))
 
-    def record_interaction(self, event_id: str, ts_ms: int, user: str, room: str, author: str,
-                           what: str, value: float = 1.0) -> Write:
+    def record_interaction(self, ts_ms: int, user: str, room: str, author: str, what: str,
+                           value: float = 1.0) -> Change:
         """Likes, comments, follows, gifts: counted on the user, the room and (follows) the author."""
         c = self.cfg
         counter = {"like": "likes", "comment": "comments", "follow": "follows", "gift": "gifts"}[what]
         room_incr: dict[str, float] = {counter: 1}
         if what == "gift":
             room_incr["gift_value"] = value
-        targets = [("u", user, c.user_ttl_s, {counter: 1}, {}), ("r", room, c.room_ttl_s, room_incr, {})]
-        if what == "follow" and author:
-            targets.append(("a", author, c.author_ttl_s, {"followers": 1}, {}))
-        return self._write(event_id, ts_ms, targets)
+        targets = [Target(Entity.USER, user, c.user_ttl_s, {counter: 1}),
+                   Target(Entity.ROOM, room, c.room_ttl_s, room_incr)]
+        if what == "follow":
+            targets.append(Target(Entity.AUTHOR, author, c.author_ttl_s, {"followers": 1}))
+        return Change(ts_ms, tuple(targets))
 
-    def start_room(self, event_id: str, ts_ms: int, room: str, author: str, category: str,
-                   title: str) -> Write:
+    def start_room(self, ts_ms: int, room: str, author: str, category: str, title: str) -> Change:
         c = self.cfg
-        meta = {"author": author, "category": category, "title": title, "start_ms": ts_ms}
-        return self._write(event_id, ts_ms, [
-            ("r", room, c.room_ttl_s, {}, meta),
-            ("a", author, c.author_ttl_s, {"rooms": 1}, {}),
-        ])
+        meta = {"author": author, "category": category, "title": title, "start_ms": str(ts_ms)}
+        return Change(ts_ms, (Target(Entity.ROOM, room, c.room_ttl_s, {}, meta),
+                              Target(Entity.AUTHOR, author, c.author_ttl_s, {"rooms": 1})))
 
-    def end_room(self, event_id: str, ts_ms: int, room: str, author: str) -> Write:
+    def end_room(self, ts_ms: int, room: str, author: str) -> Change:
+        return Change(ts_ms, (Target(Entity.ROOM, room, self.cfg.ended_room_ttl_s, {},
+                                     {"author": author, "end_ms": str(ts_ms)}),))
+
+    async def apply(self, changes: Sequence[Change], positions: Sequence[Position] | None = None) -> ApplyReport:
+        """Apply ``changes`` (in input order) atomically per call, skipping positions applied before.
+
+        ``positions[i]`` is where ``changes[i]`` came from; None: unpositioned writes (always applied). All
+        calls go in one pipelined round trip; a call whose range straddles its recorded offset (a batch
+        redelivered with other boundaries after a restart) is resent with only the events after it.
+        """
+        if not changes:
+            return ApplyReport()
+        positions = positions or [UNPOSITIONED] * len(changes)
+        if len(positions) != len(changes):
+            raise ValueError(f"{len(changes)} changes but {len(positions)} positions")
+        items = list(zip(positions, changes, strict=True))
+        calls = [call for group in self._groups(items) for call in _chunks(group, self.cfg.events_per_call)]
+        replayed: set[Position] = set()
+        while calls:
+            built = [self._build(marker, group) for marker, group in calls]
+            results = await self._apply.run_many([(c.keys, [c.payload()]) for c in built])
+            retry = []
+            for (marker, group), call, res in zip(calls, built, results, strict=True):
+                if int(res[0]) == -1:  # straddle: keep only the events after the recorded offset
+                    source, recorded = call.sources[int(res[1]) - 1], int(res[2])
+                    retry.append((marker, [(p, c) for p, c in group if p.source != source or p.offset > recorded]))
+                    replayed.update(p for p, _ in group if p.source == source and p.offset <= recorded)
+                    continue
+                skipped = {call.sources[int(i) - 1] for i in res[1:]}
+                replayed.update(p for p, _ in group if p.source in skipped)
+            calls = retry
+        return ApplyReport(applied=len(changes) - len(replayed), replayed=len(replayed))
+
+    def _groups(self, items: list[tuple[Position, Change]]) -> list[tuple[str, list[tuple[Position, Change]]]]:
+        """Calls by atomic unit: the whole batch on one server; one per entity on a Cluster (the entity's hash
+        holds its positions there)."""
+        if not self.cluster:
+            return [(self.position_key, items)]
+        by_entity: dict[str, list[tuple[Position, Change]]] = defaultdict(list)
+        for pos, change in items:
+            for t in change.targets:
+                if t.ident:
+                    by_entity[self.key(t.entity, t.ident)].append((pos, Change(change.ts_ms, (t,))))
+            if change.history is not None:
+                user = self.key(Entity.USER, change.history[0])
+                by_entity[user].append((pos, Change(change.ts_ms, (), change.history)))
+        return list(by_entity.items())
+
+    def _build(self, marker: str, group: list[tuple[Position, Change]]) -> _Call:
         c = self.cfg
-        return self._write(event_id, ts_ms, [
-            ("r", room, c.ended_room_ttl_s, {}, {"author": author, "end_ms": ts_ms}),
-        ])
+        call = _Call(marker)
+        token = uuid.uuid4().hex[:12]  # makes unpositioned log members unique
+        merged: dict[tuple[int, str], _Merged] = {}
+        histories: dict[tuple[int, str], list[str]] = {}
+        for n, (pos, change) in enumerate(group):
+            src = call.source(pos)
+            tag = f"{pos.source}:{pos.offset}" if pos.source else f"~{token}:{n}"
+            bucket_end = (change.ts_ms // c.log_bucket_ms + 1) * c.log_bucket_ms - 1
+            for t in change.targets:
+                if not t.ident:
+                    continue  # e.g. an engagement without author id: nothing to count there
+                m = merged.get((src, self.key(t.entity, t.ident)))
+                if m is None:
+                    m = merged[(src, self.key(t.entity, t.ident))] = _Merged()
+                m.add(t, bucket_end, tag, change.ts_ms)
+            if change.history is not None:
+                user, member = change.history
+                histories.setdefault((src, self.key(Entity.USER, user, ":seq")), []) \
+                    .extend((str(change.ts_ms), member))
+        for (src, key), m in merged.items():
+            call.targets.append([src, call.index(key), str(m.ttl), m.flat_incr(), m.flat_sets(),
+                                 call.index(key + ":log") if m.log else 0, m.flat_log(),
+                                 str(m.newest_ms - c.asof_keep_ms)])
+        for (src, key), entries in histories.items():
+            call.histories.append([src, call.index(key), str(c.user_ttl_s), str(c.history_cap), entries])
+        return call
 
-    def _write(self, event_id: str, ts_ms: int,
-               targets: Sequence[tuple[str, str, int, dict[str, float], dict[str, Any]]],
-               seq: tuple[str, str] | None = None) -> Write:
-        keys = [self._k("ev", event_id)]
-        specs = []
-        for kind, ident, ttl, incr, sets in targets:
-            if not ident:
-                continue  # e.g. an engagement without author id: nothing to count there
-            keys += [self._k(kind, ident), self._k(kind, ident, "log")]
-            specs.append({"h": len(keys) - 1, "log": len(keys), "ttl": ttl, "incr": incr or {},
-                          "set": {k: str(v) for k, v in sets.items()} or {}})
-        body: dict[str, Any] = {"dedup_ttl": self.cfg.dedup_ttl_s, "ts": ts_ms, "id": event_id,
-                                "keep_ms": self.cfg.asof_keep_ms, "targets": specs}
-        if seq is not None:
-            user, member = seq
-            keys.append(self._k("u", user, "seq"))
-            body["seq"] = {"key": len(keys), "member": member, "cap": self.cfg.history_cap, "ttl": self.cfg.user_ttl_s}
-        # cjson turns an empty Python dict into an empty table either way; JSON arrays stay arrays.
-        return Write(tuple(keys), orjson.dumps(body))
-
-    async def apply(self, writes: Sequence[Write]) -> list[bool]:
-        """Run each write atomically; the batch in one pipelined round trip. True = applied, False = replay."""
-        if not writes:
-            return []
-        async with self.r.pipeline(transaction=False) as pipe:
-            for w in writes:
-                await self._apply(keys=list(w.keys), args=[w.args], client=pipe)
-            return [bool(x) for x in await pipe.execute()]
+    async def positions(self) -> dict[str, int]:
+        """The last applied offset per input partition ("topic/partition"), as recorded with the writes (one
+        server; on a Cluster positions live per entity and this returns {})."""
+        if self.cluster:
+            return {}
+        raw = await self.r.hgetall(self.position_key)
+        return {k.decode().removeprefix(POSITION_FIELD): int(v) for k, v in raw.items()}
 
     # ---- reads ---------------------------------------------------------------------------------------
     async def read(self, queries: Sequence[AsOf]) -> list[Snapshot]:
-        """Snapshots as of each query's time, all in one pipelined round trip (7 commands per query)."""
+        """Snapshots as of each query's time, in one pipelined round trip (plus one for history categories).
+
+        Each user, room and author is read once however many queries name it: its hash, its log from the
+        earliest time asked, and (users) the whole capped history; each query then subtracts what came after
+        its own time. Snapshots of the same (entity, time) share their dicts: treat them as read-only.
+        """
         if not queries:
             return []
+        earliest: dict[tuple[Entity, str], int] = {}
+        for q in queries:
+            for ent, ident in ((Entity.USER, q.user), (Entity.ROOM, q.room), (Entity.AUTHOR, q.author)):
+                if ident:
+                    k = (ent, ident)
+                    earliest[k] = min(earliest.get(k, q.as_of_ms), q.as_of_ms)
+        entities = list(earliest)
         async with self.r.pipeline(transaction=False) as pipe:
-            for q in queries:
-                after = q.as_of_ms  # increments at or after as_of are removed
-                pipe.hgetall(self._k("u", q.user))
-                pipe.zrangebyscore(self._k("u", q.user, "log"), after, "+inf")
-                pipe.zrevrangebyscore(self._k("u", q.user, "seq"), f"({after}", "-inf", start=0,
-                                      num=self.cfg.history_cap, withscores=True)
-                pipe.hgetall(self._k("r", q.room))
-                pipe.zrangebyscore(self._k("r", q.room, "log"), after, "+inf")
-                pipe.hgetall(self._k("a", q.author))
-                pipe.zrangebyscore(self._k("a", q.author, "log"), after, "+inf")
-            raw = await pipe.execute()
+            for ent, ident in entities:
+                pipe.hgetall(self.key(ent, ident))
+                pipe.zrangebyscore(self.key(ent, ident, ":log"), earliest[(ent, ident)], "+inf", withscores=True)
+                if ent is Entity.USER:
+                    pipe.zrange(self.key(ent, ident, ":seq"), 0, -1, withscores=True)
+            raw = iter(await pipe.execute())
+        fetched = {}
+        for ent, ident in entities:
+            fetched[(ent, ident)] = (next(raw), next(raw), next(raw) if ent is Entity.USER else [])
+        parts: dict[tuple[Entity, str, int], Any] = {}
+
+        def part(ent: Entity, ident: str, as_of: int) -> Any:
+            k = (ent, ident, as_of)
+            if k not in parts:
+                totals, log, seq = fetched.get((ent, ident), ({}, [], []))
+                later = [m for m, score in log if score >= as_of]
+                if ent is Entity.ROOM:
+                    parts[k] = (_as_of({f: v for f, v in totals.items() if f.decode() not in ROOM_META}, later),
+                                {f.decode(): v.decode() for f, v in totals.items() if f.decode() in ROOM_META})
+                elif ent is Entity.USER:
+                    hist = [_history_item(m, s) for m, s in reversed(seq) if s < as_of][: self.cfg.history_cap]
+                    parts[k] = (_as_of(totals, later), hist)
+                else:
+                    parts[k] = _as_of(totals, later)
+            return parts[k]
+
         out = []
-        for i, q in enumerate(queries):
-            u, ulog, useq, r, rlog, a, alog = raw[7 * i : 7 * i + 7]
-            room_meta = {k.decode(): v.decode() for k, v in r.items() if k.decode() in ROOM_META}
-            out.append(Snapshot(
-                as_of_ms=q.as_of_ms,
-                user=_as_of(u, ulog),
-                history=[_history_item(m, s) for m, s in useq],
-                room=_as_of({k: v for k, v in r.items() if k.decode() not in ROOM_META}, rlog),
-                room_meta=room_meta,
-                author=_as_of(a, alog),
-            ))
+        for q in queries:
+            user, history = part(Entity.USER, q.user, q.as_of_ms) if q.user else ({}, [])
+            room, meta = part(Entity.ROOM, q.room, q.as_of_ms) if q.room else ({}, {})
+            author = part(Entity.AUTHOR, q.author, q.as_of_ms) if q.author else {}
+            out.append(Snapshot(as_of_ms=q.as_of_ms, user=user, history=history, room=room, room_meta=meta,
+                                author=author))
         await self._fill_categories(out)
         return out
 
     async def read_for_ranking(self, user: str, candidates: Sequence[tuple[str, str]], as_of_ms: int
                                ) -> list[Snapshot]:
-        """``read`` for one user against many (room, author) candidates, with each key read once: the user's
-        3 commands, then 2 per distinct room and 2 per distinct author, in one pipelined round trip.
-        Equal to ``read([AsOf(user, room, author, as_of_ms) ...])`` (tests/test_scorer.py checks it)."""
-        rooms = sorted({r for r, _ in candidates if r})
-        authors = sorted({a for _, a in candidates if a})
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self._k("u", user))
-            pipe.zrangebyscore(self._k("u", user, "log"), as_of_ms, "+inf")
-            pipe.zrevrangebyscore(self._k("u", user, "seq"), f"({as_of_ms}", "-inf", start=0,
-                                  num=self.cfg.history_cap, withscores=True)
-            for kind, ids in (("r", rooms), ("a", authors)):
-                for ident in ids:
-                    pipe.hgetall(self._k(kind, ident))
-                    pipe.zrangebyscore(self._k(kind, ident, "log"), as_of_ms, "+inf")
-            raw = await pipe.execute()
-        u, ulog, useq = raw[:3]
-        pairs = iter(zip(raw[3::2], raw[4::2], strict=True))
-        room_part = {}
-        for room in rooms:
-            r, rlog = next(pairs)
-            room_part[room] = (_as_of({k: v for k, v in r.items() if k.decode() not in ROOM_META}, rlog),
-                               {k.decode(): v.decode() for k, v in r.items() if k.decode() in ROOM_META})
-        author_part = {a: _as_of(*next(pairs)) for a in authors}
-        user_vals, history = _as_of(u, ulog), [_history_item(m, sc) for m, sc in useq]
-        probe = Snapshot(as_of_ms, history=history)
-        await self._fill_categories([probe])
-        out = []
-        for room, author in candidates:
-            counters, meta = room_part.get(room, ({}, {}))
-            out.append(Snapshot(as_of_ms=as_of_ms, user=user_vals, history=probe.history, room=counters,
-                                room_meta=meta, author=author_part.get(author, {})))  # shared, read-only
-        return out
+        """``read`` for one user against many (room, author) candidates at one time (each key read once)."""
+        return await self.read([AsOf(user, room, author, as_of_ms) for room, author in candidates])
 
     async def _fill_categories(self, snaps: list[Snapshot]) -> None:
         """History rooms' categories, looked up at read time in one more round trip. (Resolving them when
@@ -300,14 +410,103 @@ class LiveState:
             return
         async with self.r.pipeline(transaction=False) as pipe:
             for room in rooms:
-                pipe.hget(self._k("r", room), "category")
+                pipe.hget(self.key(Entity.ROOM, room), "category")
             cats = {room: (c or b"").decode() for room, c in zip(rooms, await pipe.execute(), strict=True)}
+        filled: dict[int, list[HistoryItem]] = {}  # snapshots share history lists: fill each list once
         for s in snaps:
-            s.history = [replace(h, category=cats[h.room]) for h in s.history]
+            if id(s.history) not in filled:
+                filled[id(s.history)] = [replace(h, category=cats[h.room]) for h in s.history]
+            s.history = filled[id(s.history)]
+
+
+@dataclass
+class _Merged:
+    """One key's changes within one call and input partition: increments summed, last write of a field wins."""
+
+    ttl: int = 0
+    newest_ms: int = 0
+    incr: dict[str, float] = field(default_factory=dict)
+    sets: dict[str, str] = field(default_factory=dict)
+    log: dict[int, tuple[str, dict[str, float]]] = field(default_factory=dict)  # bucket end -> (tag, increments)
+
+    def add(self, t: Target, bucket_end: int, tag: str, ts_ms: int) -> None:
+        self.ttl = t.ttl_s  # the latest event's TTL wins, as if each event had set it
+        self.newest_ms = max(self.newest_ms, ts_ms)
+        for f, d in t.incr.items():
+            self.incr[f] = self.incr.get(f, 0.0) + d
+        self.sets.update(t.sets)
+        if t.incr:
+            _, bucket = self.log.get(bucket_end, ("", {}))
+            for f, d in t.incr.items():
+                bucket[f] = bucket.get(f, 0.0) + d
+            self.log[bucket_end] = (tag, bucket)
+
+    def flat_incr(self) -> list[str]:
+        return [x for f, d in self.incr.items() for x in (f, repr(d))]
+
+    def flat_sets(self) -> list[str]:
+        return [x for f, v in self.sets.items() for x in (f, v)]
+
+    def flat_log(self) -> list[str]:
+        return [x for end, (tag, inc) in self.log.items()
+                for x in (str(end), tag + "|" + ",".join(f"{f}:{d!r}" for f, d in inc.items()))]
+
+
+@dataclass
+class _Call:
+    marker: str
+    keys: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # index i+1 in the payload
+    ranges: list[list[int]] = field(default_factory=list)
+    targets: list[list[Any]] = field(default_factory=list)
+    histories: list[list[Any]] = field(default_factory=list)
+    _index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index(self.marker)
+
+    def index(self, key: str) -> int:
+        if key not in self._index:
+            self.keys.append(key)
+            self._index[key] = len(self.keys)
+        return self._index[key]
+
+    def source(self, pos: Position) -> int:
+        if not pos.source:
+            return 0
+        if pos.source not in self.sources:
+            self.sources.append(pos.source)
+            self.ranges.append([pos.offset, pos.offset])
+        i = self.sources.index(pos.source)
+        lo, hi = self.ranges[i]
+        self.ranges[i] = [min(lo, pos.offset), max(hi, pos.offset)]
+        return i + 1
+
+    def payload(self) -> bytes:
+        src = [[s, str(lo), str(hi)] for s, (lo, hi) in zip(self.sources, self.ranges, strict=True)]
+        return orjson.dumps({"src": src, "t": self.targets, "q": self.histories})
+
+
+def _chunks(group: tuple[str, list[tuple[Position, Change]]], size: int
+            ) -> Iterable[tuple[str, list[tuple[Position, Change]]]]:
+    marker, items = group
+    for i in range(0, len(items), size):
+        yield marker, items[i:i + size]
+
+
+def is_cluster(url: str, **kwargs: Any) -> bool:
+    """Whether the server at ``url`` is a Redis Cluster node (INFO cluster)."""
+    import redis
+
+    client = redis.Redis.from_url(url, **kwargs)
+    try:
+        return client.info("cluster").get("cluster_enabled") == 1
+    finally:
+        client.close()
 
 
 def _as_of(totals: dict[bytes, bytes], later_increments: list[bytes]) -> dict[str, float]:
-    values = {k.decode(): float(v) for k, v in totals.items()}
+    values = {k.decode(): float(v) for k, v in totals.items() if not k.startswith(b"pos:")}
     for entry in later_increments:
         for part in entry.split(b"|", 1)[1].split(b","):
             name, delta = part.split(b":")

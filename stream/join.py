@@ -40,6 +40,8 @@ from stream.features import Candidate
 from stream.samples import Labels
 
 CLOSED_MEMORY = 64  # closed impressions remembered per user: to spot late engagements and replays
+CLOSED_HORIZON_WINDOWS = 10  # ... for this many windows
+SEEN_MEMORY = 64  # event ids remembered per user by the duplicate guard
 
 
 class Attribution(enum.StrEnum):
@@ -86,9 +88,10 @@ class UserJoinState:
     pending: list[PendingImpression] = field(default_factory=list)
     closed: list[ClosedImpression] = field(default_factory=list)
     held: list[HeldEngagement] = field(default_factory=list)
+    seen: list[tuple[str, int]] = field(default_factory=list)  # recent event ids (id, event ms): the id guard
 
     def encode(self) -> bytes:
-        return orjson.dumps({"p": self.pending, "c": self.closed, "h": self.held})  # orjson does dataclasses
+        return orjson.dumps({"p": self.pending, "c": self.closed, "h": self.held, "s": self.seen})
 
     @staticmethod
     def decode(raw: bytes | None) -> UserJoinState:
@@ -97,16 +100,41 @@ class UserJoinState:
         obj = orjson.loads(raw)
         pending = [PendingImpression(p["impression_id"], Candidate(**p["candidate"])) for p in obj["p"]]
         closed = [ClosedImpression(**c) for c in obj["c"]]
-        return UserJoinState(pending, closed, [HeldEngagement(**h) for h in obj["h"]])
+        return UserJoinState(pending, closed, [HeldEngagement(**h) for h in obj["h"]],
+                             [(i, t) for i, t in obj.get("s", ())])
 
     def empty(self) -> bool:
-        return not self.pending and not self.closed and not self.held
+        return not self.pending and not self.closed and not self.held and not self.seen
 
 
 @dataclass(frozen=True)
 class LabelJoiner:
     window_ms: int = 120_000
     lateness_ms: int = 5_000
+    # The event-id guard: an id this user sent within this much event time (at most SEEN_MEMORY ids) is a
+    # producer's duplicate. Replays by the stream itself are caught by input position, not here.
+    dedup_horizon_ms: int = 300_000
+
+    def first_sight(self, st: UserJoinState, event_id: str, ts_ms: int) -> bool:
+        """Remember ``event_id``; False when it was seen within the horizon (a duplicate: ignore the event)."""
+        if any(i == event_id for i, _ in st.seen):
+            return False
+        st.seen.append((event_id, ts_ms))
+        if len(st.seen) > SEEN_MEMORY:
+            del st.seen[: len(st.seen) - SEEN_MEMORY]
+        return True
+
+    def closes_by(self, impression_ms: int, watermark_ms: int) -> bool:
+        """Whether an impression's window (plus lateness) has ended by ``watermark_ms``."""
+        return impression_ms + self.window_ms + self.lateness_ms <= watermark_ms
+
+    def next_due_ms(self, st: UserJoinState) -> int:
+        """When stream time next makes ``close`` or ``due`` change this state: the first window to end, held
+        engagement to expire, or closed impression to leave the memory."""
+        end = self.window_ms + self.lateness_ms
+        return min([p.ts_ms + end for p in st.pending] + [e.ts_ms + end for e in st.held]
+                   + [c.ts_ms + CLOSED_HORIZON_WINDOWS * self.window_ms for c in st.closed]
+                   + [t + self.dedup_horizon_ms for _, t in st.seen], default=2**62)
 
     def add_impression(self, st: UserJoinState, imp: PendingImpression) -> bool:
         """Open a window; False when this impression id is already pending or closed (a replay)."""
@@ -129,10 +157,9 @@ class LabelJoiner:
     def due(self, st: UserJoinState, watermark_ms: int) -> list[tuple[PendingImpression, Labels]]:
         """Impressions whose window (plus lateness) ended by ``watermark_ms``, with their labels.
         Changes nothing: the caller closes them with ``close`` once their samples are safe."""
-        end = self.window_ms + self.lateness_ms
         out = []
         for p in st.pending:
-            if p.ts_ms + end <= watermark_ms:
+            if self.closes_by(p.ts_ms, watermark_ms):
                 labels = Labels()
                 for e in st.held:
                     if self._owner(st, e) is p:
@@ -152,8 +179,9 @@ class LabelJoiner:
         # a window (plus lateness) past it, every such impression has closed or never existed.
         unmatched = sum(1 for e in expired if self._owner(st, e) is None)
         st.held = [e for e in st.held if e not in expired]
-        horizon = 10 * self.window_ms
+        horizon = CLOSED_HORIZON_WINDOWS * self.window_ms
         st.closed = [c for c in st.closed if c.ts_ms + horizon > watermark_ms]
+        st.seen = [(i, t) for i, t in st.seen if t + self.dedup_horizon_ms > watermark_ms]
         return unmatched
 
     def _owner(self, st: UserJoinState, e: HeldEngagement) -> PendingImpression | ClosedImpression | None:

@@ -10,7 +10,10 @@ DELAY_BUCKETS = FRESHNESS_BUCKETS
 
 EVENTS_IN = Counter("zenith_stream_events_total", "Events consumed, by type", ["type"])
 DEAD_LETTERS = Counter("zenith_stream_deadletters_total", "Events sent to the dead-letter topic", ["reason"])
-REPLAYED = Counter("zenith_stream_replayed_events_total", "Events whose id was seen before (no effect)")
+REPLAYED = Counter("zenith_stream_replayed_events_total",
+                   "Redelivered events whose input position had been applied before (no effect)")
+DUPLICATES = Counter("zenith_stream_duplicate_events_total",
+                     "Events dropped because their id was seen recently (a producer sent them twice)", ["type"])
 SAMPLES_OUT = Counter("zenith_stream_samples_total", "Labelled samples emitted, by main label", ["entered"])
 ENGAGEMENTS = Counter("zenith_stream_engagements_total", "Engagements by attribution outcome", ["outcome"])
 PENDING = Gauge("zenith_stream_pending_impressions", "Impressions waiting for their window to close")

@@ -13,31 +13,30 @@ from model.spec import FeatureSpec
 from state.store import LiveState
 from stream.events import Event
 from stream.join import LabelJoiner
-from stream.processor import StreamProcessor
+from stream.processor import Input, StreamProcessor
 
 
 async def build_samples(events: Iterable[Event], state: LiveState, spec: FeatureSpec, joiner: LabelJoiner,
                         batch_size: int = 512, on_batch: Callable[[int], None] | None = None,
                         ) -> tuple[SampleArrays, list[str]]:
     """Replay ``events`` (time-ordered) and return the samples in emission order with impression ids."""
-    proc = StreamProcessor(state, spec, joiner)
-    table: dict[str, bytes] = {}
+    proc = StreamProcessor(state, spec, joiner)  # join state in memory; state writes unpositioned
     encoded: list[bytes] = []
 
     async def close(watermark_ms: int) -> None:
-        encoded.extend(s.value for s in await proc.close_due(table, watermark_ms))
+        encoded.extend(s.value for s in await proc.close_due(watermark_ms))
 
-    batch: list[Event] = []
+    batch: list[Input] = []
     for ev in events:
-        batch.append(ev)
+        batch.append(Input(ev))
         if len(batch) >= batch_size:
-            await proc.on_events(batch, table)
-            await close(batch[-1].ts_ms)  # events are time-ordered: the last one is stream time
+            await proc.on_events(batch)
+            await close(batch[-1].event.ts_ms)  # events are time-ordered: the last one is stream time
             if on_batch:
                 on_batch(len(batch))
             batch = []
     if batch:
-        await proc.on_events(batch, table)
+        await proc.on_events(batch)
     await close(2**62)  # end of stream closes every window
     decoded = proc.codec.decode(encoded)
     return decoded.arrays, decoded.impression_ids

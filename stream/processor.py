@@ -1,34 +1,45 @@
-"""What the stream does with a batch of events, independent of the Faust runtime that feeds it.
+"""What the stream does with a batch of events, independent of the runtime that feeds it.
 
-The Faust app (``stream/app.py``) and the offline dataset builder both drive this class, so training
+The stream worker (``stream/worker.py``) and the offline dataset builder both drive this class, so training
 samples built offline and online come out of the same code.
 
 Order of effects, chosen for "nothing lost" under at-least-once delivery:
 
-1. state writes for the batch (idempotent per event id, so a replayed batch changes nothing);
-2. join-state updates for the batch (``add_impression`` ignores an impression it has seen);
+1. state writes for the batch, recorded with the input positions they cover (a redelivered batch is
+   recognised by position and changes nothing);
+2. the label join for the batch, in memory, then its changed users and applied positions written to Redis
+   (again recognised by position on redelivery);
 3. at window close: read state *as of* each impression, assemble, encode; the caller sends the samples,
-   waits for the broker to acknowledge them, and only then stores the shrunken join state.
-A crash between 3's send and store re-emits those samples after restart; the trainer drops them by
+   waits for the broker to acknowledge them, and only then closes the impressions in the join state.
+A crash between 3's send and its join write re-emits those samples after restart; the trainer drops them by
 impression id (``model``-side dedup), which makes training exactly-once per impression.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import MutableMapping
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from model.spec import FeatureSpec
-from state.store import AsOf, LiveState, Write
+from state.store import UNPOSITIONED, AsOf, Change, LiveState, Position
 from stream import metrics
 from stream.events import EngagementKind, Event, Impression, LiveAction, LiveEvent
 from stream.features import Candidate, assemble
-from stream.join import Attribution, HeldEngagement, LabelJoiner, PendingImpression, UserJoinState
+from stream.join import Attribution, HeldEngagement, LabelJoiner, PendingImpression
+from stream.join_store import JoinFenced, JoinStore
 from stream.samples import Labels, SampleCodec
 
-JoinTable = MutableMapping[str, bytes]
-"""user id -> encoded ``UserJoinState``: a Faust table online, a dict offline."""
+LIVE_IDS = 10_000  # room lifecycle event ids remembered (in memory) by the duplicate guard
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """An accepted event, where it came from, and the input partition whose join state it belongs to."""
+
+    event: Event
+    pos: Position = UNPOSITIONED
+    partition: int = 0
 
 
 @dataclass(frozen=True)
@@ -40,26 +51,28 @@ class OutgoingSample:
     entered: bool
 
 
-def state_write(state: LiveState, ev: Event) -> Write:
+def state_change(state: LiveState, ev: Event) -> Change:
     """The state change one event makes (pure)."""
     if isinstance(ev, Impression):
-        return state.record_impression(ev.event_id, ev.ts_ms, ev.user_id, ev.room_id, ev.author_id, ev.category)
+        return state.record_impression(ev.ts_ms, ev.user_id, ev.room_id, ev.author_id, ev.category)
     if isinstance(ev, LiveEvent):
         if ev.action is LiveAction.START:
-            return state.start_room(ev.event_id, ev.ts_ms, ev.room_id, ev.author_id, ev.category, ev.title)
-        return state.end_room(ev.event_id, ev.ts_ms, ev.room_id, ev.author_id)
+            return state.start_room(ev.ts_ms, ev.room_id, ev.author_id, ev.category, ev.title)
+        return state.end_room(ev.ts_ms, ev.room_id, ev.author_id)
     if ev.kind is EngagementKind.ENTER:
         return state.record_enter(ev.event_id, ev.ts_ms, ev.user_id, ev.room_id, ev.author_id)
     if ev.kind is EngagementKind.WATCH:
         return state.record_watch(ev.event_id, ev.ts_ms, ev.user_id, ev.room_id, ev.author_id, ev.watch_seconds)
-    return state.record_interaction(ev.event_id, ev.ts_ms, ev.user_id, ev.room_id, ev.author_id,
-                                    ev.kind.value, ev.gift_value or 1.0)
+    return state.record_interaction(ev.ts_ms, ev.user_id, ev.room_id, ev.author_id, ev.kind.value,
+                                    ev.gift_value or 1.0)
 
 
 @dataclass
 class Due:
-    items: list[tuple[str, PendingImpression, Labels]] = field(default_factory=list)
-    tidy: set[str] = field(default_factory=set)
+    """What closing at a watermark involves: impressions with their labels, and the users to close or tidy."""
+
+    items: list[tuple[int, str, PendingImpression, Labels]] = field(default_factory=list)  # (partition, user, ..)
+    users: dict[int, list[str]] = field(default_factory=dict)
 
 
 class Watermark:
@@ -86,6 +99,9 @@ class Watermark:
         """Newly assigned partitions hold time back until they deliver or turn out idle."""
         for src in sources:
             self._latest.setdefault(src, (0, wall_s))
+
+    def sources(self) -> list[str]:
+        return list(self._latest)
 
     def forget(self, sources: list[str]) -> None:
         for src in sources:
@@ -132,35 +148,87 @@ class Watermark:
 
 
 class StreamProcessor:
-    def __init__(self, state: LiveState, spec: FeatureSpec, joiner: LabelJoiner) -> None:
+    def __init__(self, state: LiveState, spec: FeatureSpec, joiner: LabelJoiner, joins: JoinStore | None = None
+                 ) -> None:
         self.state = state
         self.spec = spec
         self.joiner = joiner
+        self.joins = joins if joins is not None else JoinStore(joiner)
         self.codec = SampleCodec(spec)
+        self._live_ids: OrderedDict[str, None] = OrderedDict()
 
-    async def apply_state(self, events: list[Event]) -> None:
+    async def apply_state(self, batch: list[Input]) -> None:
         t0 = time.perf_counter()
-        applied = await self.state.apply([state_write(self.state, ev) for ev in events])
+        report = await self.state.apply([state_change(self.state, i.event) for i in batch], [i.pos for i in batch])
         metrics.REDIS_LATENCY.labels("write").observe(time.perf_counter() - t0)
-        metrics.REPLAYED.inc(applied.count(False))
-        for ev in events:
-            metrics.EVENTS_IN.labels(ev.TYPE).inc()
+        metrics.REPLAYED.inc(report.replayed)
+        for i in batch:
+            metrics.EVENTS_IN.labels(i.event.TYPE).inc()
 
-    async def on_events(self, events: list[Event], table: JoinTable) -> None:
-        """State first (so engagements count even when unattributed), then the label join."""
-        await self.apply_state(events)
-        self.join(events, table)
+    async def on_events(self, batch: list[Input]) -> None:
+        """Duplicates out, then state (so engagements count even when unattributed), then the label join."""
+        batch = self.admit(batch)
+        await self.apply_state(batch)
+        await self.join_and_commit(batch)
 
-    def join(self, events: list[Event], table: JoinTable) -> None:
-        """The label-join part of ``on_events``: in memory, so it cannot fail half way on a dependency."""
-        touched: dict[str, UserJoinState] = {}
-        for ev in events:
+    def admit(self, batch: list[Input]) -> list[Input]:
+        """Drop events whose id was seen recently: a producer that sent an event twice (e.g. retried a whole
+        batch) must not count it twice. User events are checked against the user's recent ids in the join
+        state (bounded per user, durable with it); room lifecycle events against the last ``LIVE_IDS`` ids in
+        memory. Events at or below their partition's join position are kept: they were admitted before, and
+        state and join skip them by position."""
+        out = []
+        for i in batch:
+            ev = i.event
+            if isinstance(ev, LiveEvent):
+                fresh = ev.event_id not in self._live_ids
+                self._live_ids[ev.event_id] = None
+                if len(self._live_ids) > LIVE_IDS:
+                    self._live_ids.popitem(last=False)
+            else:
+                part = self.joins.partition(i.partition)
+                if i.pos.source and i.pos.offset <= part.positions.get(i.pos.source, -1):
+                    out.append(i)
+                    continue
+                fresh = self.joiner.first_sight(part.get(ev.user_id), ev.event_id, ev.ts_ms)
+                part.touched(ev.user_id)
+            if fresh:
+                out.append(i)
+            else:
+                metrics.DUPLICATES.labels(ev.TYPE).inc()
+        return out
+
+    async def join_and_commit(self, batch: list[Input]) -> None:
+        """``join`` then write its changes with the positions they cover; a partition fenced by another
+        worker is reloaded and the batch's events for it joined again (those it already holds are skipped)."""
+        positions = self.join(batch)
+        while True:
+            try:
+                await self.joins.commit(list(positions), positions)
+                return
+            except JoinFenced as fenced:
+                for n in fenced.partitions:
+                    await self.joins.load(n)
+                positions = self.join([i for i in batch if i.partition in fenced.partitions])
+
+    def join(self, batch: list[Input]) -> dict[int, dict[str, int]]:
+        """The label join, in memory; returns per partition the newest offset it applied per source. Events
+        at or below the partition's recorded position for their source were joined before: skipped. (Every
+        partition the batch names is in the result, possibly with no offsets: unpositioned input.)"""
+        applied: dict[int, dict[str, int]] = {}
+        for i in batch:
+            ev = i.event
             if isinstance(ev, LiveEvent):
                 continue
-            st = touched.get(ev.user_id) or UserJoinState.decode(table.get(ev.user_id))
-            touched[ev.user_id] = st
+            part = self.joins.partition(i.partition)
+            offsets = applied.setdefault(i.partition, {})
+            if i.pos.source:
+                if i.pos.offset <= part.positions.get(i.pos.source, -1):
+                    continue
+                offsets[i.pos.source] = i.pos.offset
+            st = part.get(ev.user_id)
             if isinstance(ev, Impression):
-                self.joiner.add_impression(st, PendingImpression(ev.event_id, Candidate(
+                part.pending += self.joiner.add_impression(st, PendingImpression(ev.event_id, Candidate(
                     user=ev.user_id, room=ev.room_id, author=ev.author_id, category=ev.category, ts_ms=ev.ts_ms,
                     hour=ev.hour, device=ev.device, tab=ev.tab, position=ev.position,
                 )))
@@ -168,27 +236,24 @@ class StreamProcessor:
                 value = ev.watch_seconds if ev.kind is EngagementKind.WATCH else ev.gift_value
                 held = HeldEngagement(ev.event_id, ev.room_id, ev.kind.value, ev.ts_ms, value)
                 metrics.ENGAGEMENTS.labels(self.joiner.add_engagement(st, held).value).inc()
-        for user, st in touched.items():
-            table[user] = st.encode()
+            part.touched(ev.user_id)
+        return applied
 
-    @staticmethod
-    def newest_pending_ms(table: JoinTable) -> int:
-        return max((p.ts_ms for raw in table.values() for p in UserJoinState.decode(raw).pending), default=0)
+    def newest_pending_ms(self) -> int:
+        return max((p.newest_pending_ms() for p in self.joins.partitions.values()), default=0)
 
-    def due(self, table: JoinTable, watermark_ms: int, limit: int | None = None) -> Due:
-        """What closing at ``watermark_ms`` involves: impressions with their labels, and users whose
-        state only needs tidying (expired engagements, old closed memory). Changes nothing."""
+    def due(self, watermark_ms: int, limit: int | None = None) -> Due:
+        """What closing at ``watermark_ms`` involves, found through the due-time index (O(due)). Changes
+        nothing: ``commit_closed`` does, once the samples are acknowledged."""
         due = Due()
-        pending = 0
-        stale_before = watermark_ms - self.joiner.window_ms - self.joiner.lateness_ms
-        for user, raw in list(table.items()):
-            st = UserJoinState.decode(raw)
-            pending += len(st.pending)
-            if limit is None or len(due.items) < limit:
-                due.items.extend((user, p, labels) for p, labels in self.joiner.due(st, watermark_ms))
-            if any(e.ts_ms <= stale_before for e in st.held) or (not st.pending and not st.held):
-                due.tidy.add(user)
-        metrics.PENDING.set(pending - len(due.items))
+        budget = limit if limit is not None else 2**62
+        for n, part in self.joins.partitions.items():
+            users = part.due_users(watermark_ms, self.joiner, budget - len(due.items))
+            if users:
+                due.users[n] = users
+            for user in users:
+                due.items.extend((n, user, p, labels) for p, labels in self.joiner.due(part.users[user], watermark_ms))
+        metrics.PENDING.set(sum(p.pending for p in self.joins.partitions.values()) - len(due.items))
         return due
 
     async def build_samples(self, due: Due) -> list[OutgoingSample]:
@@ -196,39 +261,51 @@ class StreamProcessor:
         if not due.items:
             return []
         t0 = time.perf_counter()
-        snaps = await self.state.read([AsOf(u, p.room, p.candidate.author, p.ts_ms) for u, p, _ in due.items])
+        snaps = await self.state.read([AsOf(u, p.room, p.candidate.author, p.ts_ms) for _, u, p, _ in due.items])
         metrics.REDIS_LATENCY.labels("read").observe(time.perf_counter() - t0)
         now_ms = int(time.time() * 1000)
         samples = []
-        for (user, p, labels), snap in zip(due.items, snaps, strict=True):
+        for (_, user, p, labels), snap in zip(due.items, snaps, strict=True):
             row = assemble(self.spec, p.candidate, snap)
             value = self.codec.encode(p.impression_id, row, labels, event_ms=p.ts_ms, emitted_ms=now_ms)
             samples.append(OutgoingSample(user.encode(), value, p.impression_id, p.ts_ms, labels.entered))
         return samples
 
-    def commit_closed(self, table: JoinTable, due: Due, watermark_ms: int) -> None:
-        """After the samples are acknowledged: mark their impressions closed in the join state.
+    def commit_closed(self, due: Due, watermark_ms: int) -> None:
+        """After the samples are acknowledged: close their impressions (and tidy the due users) in memory;
+        ``joins.commit`` then writes the changed users."""
+        closing: dict[tuple[int, str], set[str]] = {}
+        for n, user, p, _ in due.items:
+            closing.setdefault((n, user), set()).add(p.impression_id)
+        for n, users in due.users.items():
+            part = self.joins.partitions.get(n)
+            if part is None:
+                continue  # revoked meanwhile: its new owner closes them from the stored state
+            for user in users:
+                st = part.users.get(user)
+                if st is None:
+                    continue
+                ids = closing.get((n, user), set())
+                before = len(st.pending)
+                metrics.ENGAGEMENTS.labels(Attribution.UNMATCHED.value).inc(self.joiner.close(st, ids, watermark_ms))
+                part.pending -= before - len(st.pending)
+                part.touched(user)
 
-        Re-reads each user's current state rather than writing back a copy taken before the awaits, so
-        impressions and engagements the agent added meanwhile are kept.
-        """
-        by_user: dict[str, set[str]] = {u: set() for u in due.tidy}
-        for user, p, _ in due.items:
-            by_user.setdefault(user, set()).add(p.impression_id)
-        for user, ids in by_user.items():
-            st = UserJoinState.decode(table.get(user))
-            unmatched = self.joiner.close(st, ids, watermark_ms)
-            metrics.ENGAGEMENTS.labels(Attribution.UNMATCHED.value).inc(unmatched)
-            if st.empty():
-                table.pop(user, None)
-            else:
-                table[user] = st.encode()
+    async def commit_joins(self) -> None:
+        """Write the closes (and tidying) of ``commit_closed``. A partition another worker has written since is
+        reloaded instead: its impressions closed here close again there (the trainer drops the repeats)."""
+        try:
+            await self.joins.commit()
+        except JoinFenced as fenced:
+            for n in fenced.partitions:
+                await self.joins.load(n)
 
-    async def close_due(self, table: JoinTable, watermark_ms: int) -> list[OutgoingSample]:
-        """All three steps at once, for callers whose "send" is synchronous (offline building)."""
-        due = self.due(table, watermark_ms)
+    async def close_due(self, watermark_ms: int) -> list[OutgoingSample]:
+        """All steps at once, for callers whose "send" is synchronous (offline building)."""
+        due = self.due(watermark_ms)
         samples = await self.build_samples(due)
-        self.commit_closed(table, due, watermark_ms)
+        self.commit_closed(due, watermark_ms)
+        await self.commit_joins()
         return samples
 
     def observe_emitted(self, samples: list[OutgoingSample]) -> None:

@@ -53,15 +53,15 @@ async def _seed(state: LiveState) -> None:
     """Rooms, authors and two users with history, all before NOW_MS."""
     t, writes = NOW_MS - 3_600_000, []
     for i, (room, author, cat) in enumerate(ROOMS):
-        writes.append(state.start_room(f"s{i}", t + i, room, author, cat, f"title {i}"))
+        writes.append(state.start_room(t + i, room, author, cat, f"title {i}"))
     for j, (room, author, _) in enumerate(ROOMS[:25]):
         for user in ("u1", "u2") if j % 2 else ("u1",):
             ts = t + 60_000 + 1000 * j
-            writes.append(state.record_impression(f"i{j}{user}", ts, user, room, author, ""))
+            writes.append(state.record_impression(ts, user, room, author, ""))
             writes.append(state.record_enter(f"e{j}{user}", ts + 100, user, room, author))
             writes.append(state.record_watch(f"w{j}{user}", ts + 200, user, room, author, 10.0 + j))
             if j % 3 == 0:
-                writes.append(state.record_interaction(f"l{j}{user}", ts + 300, user, room, author, "like"))
+                writes.append(state.record_interaction(ts + 300, user, room, author, "like"))
     await state.apply(writes)
 
 

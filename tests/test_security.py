@@ -126,7 +126,8 @@ def test_the_stack_works_through_redis_requirepass(protected_redis: LocalRedis, 
         worker.terminate()
         _, err = worker.communicate(timeout=30)
     authed = redis.Redis.from_url(url, password=PASSWORD)
-    assert authed.exists(f"zl:ev:{events[0].event_id}"), err.decode()[-2000:]
+    first = next(e for e in events if isinstance(e, Impression))
+    assert authed.hget(f"zl:{{u:{first.user_id}}}", "impressions"), err.decode()[-2000:]
 
     # The scorer's state client, configured the same way (Settings -> StateConfig -> RedisAuth).
     settings = Settings(redis_password=PASSWORD)

@@ -54,7 +54,7 @@ async def _seed(redis_url: str, now_ms: int, seed: int = 0) -> None:
     state = LiveState.from_url(redis_url)
     writes = []
     for i in range(N_ROOMS):
-        writes.append(state.start_room(f"start-{i}", now_ms - rng.randint(60_000, 4 * 3_600_000), f"r{i}",
+        writes.append(state.start_room(now_ms - rng.randint(60_000, 4 * 3_600_000), f"r{i}",
                                        f"a{i % N_AUTHORS}", f"c{i % N_CATEGORIES}", f"room {i}"))
     ev = 0
     for u in range(N_USERS):
@@ -62,11 +62,11 @@ async def _seed(redis_url: str, now_ms: int, seed: int = 0) -> None:
             room = rng.randrange(N_ROOMS)
             ts = now_ms - rng.randint(1_000, 3_600_000)
             args = (f"u{u}", f"r{room}", f"a{room % N_AUTHORS}")
-            writes.append(state.record_impression(f"imp-{ev}", ts, *args, f"c{room % N_CATEGORIES}"))
+            writes.append(state.record_impression(ts, *args, f"c{room % N_CATEGORIES}"))
             writes.append(state.record_enter(f"ent-{ev}", ts + 500, *args))
             writes.append(state.record_watch(f"wat-{ev}", ts + 1000, *args, rng.uniform(1, 600)))
             if rng.random() < 0.2:
-                writes.append(state.record_interaction(f"lik-{ev}", ts + 800, *args, "like"))
+                writes.append(state.record_interaction(ts + 800, *args, "like"))
             ev += 1
     try:
         for lo in range(0, len(writes), 2000):

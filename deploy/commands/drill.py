@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
             reports.append(report.as_dict())
             typer.echo(f"[{i + 1}/{repeat}] {kind.value}: impressions {report.impressions}, samples {report.samples} "
                        f"(repeats {report.repeats}), lost {report.lost}, conflicting {report.conflicting}, "
-                       f"state writes missing {report.state_missing}, dead letters {report.dead_letters}, "
+                       f"state counters off {report.state_gap or 0}, dead letters {report.dead_letters}, "
                        f"trained {report.trained}, outage {report.outage_s}s, {report.seconds}s -> "
                        f"{'OK' if report.ok else 'FAILED'}")
             for note in report.notes:
