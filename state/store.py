@@ -208,7 +208,7 @@ class LiveState:
 
     # ---- keys ----------------------------------------------------------------------------------------
     def key(self, entity: Entity, ident: str, suffix: str = "") -> str:
-        return f"{self.cfg.prefix}{{{entity.value}:{ident}}}{suffix}"
+        return f"{self.cfg.prefix}{{{entity}:{ident}}}{suffix}"  # a StrEnum formats as its value
 
     @property
     def position_key(self) -> str:
@@ -281,13 +281,18 @@ class LiveState:
             results = await self._apply.run_many([(c.keys, [c.payload()]) for c in built])
             retry = []
             for (marker, group), call, res in zip(calls, built, results, strict=True):
-                if int(res[0]) == -1:  # straddle: keep only the events after the recorded offset
-                    source, recorded = call.sources[int(res[1]) - 1], int(res[2])
-                    retry.append((marker, [(p, c) for p, c in group if p.source != source or p.offset > recorded]))
-                    replayed.update(p for p, _ in group if p.source == source and p.offset <= recorded)
+                status, rest = int(res[0]), res[1:]
+                if status == 1:
                     continue
-                skipped = {call.sources[int(i) - 1] for i in res[1:]}
-                replayed.update(p for p, _ in group if p.source in skipped)
+                if status == -1:  # straddle: keep only that partition's events after its recorded offset
+                    source, recorded = call.sources[int(rest[0]) - 1], int(rest[1])
+                    done = {p for p, _ in group if p.source == source and p.offset <= recorded}
+                else:  # 0: all applied before; -2: some were: resend the others
+                    skipped = {call.sources[int(i) - 1] for i in rest}
+                    done = {p for p, _ in group if p.source in skipped}
+                replayed |= done
+                if status != 0:
+                    retry.append((marker, [(p, c) for p, c in group if p not in done]))
             calls = retry
         return ApplyReport(applied=len(changes) - len(replayed), replayed=len(replayed))
 
@@ -307,32 +312,33 @@ class LiveState:
         return list(by_entity.items())
 
     def _build(self, marker: str, group: list[tuple[Position, Change]]) -> _Call:
+        """One call's payload: every key's changes merged (increments summed, log increments per time bucket)."""
         c = self.cfg
         call = _Call(marker)
         token = uuid.uuid4().hex[:12]  # makes unpositioned log members unique
-        merged: dict[tuple[int, str], _Merged] = {}
-        histories: dict[tuple[int, str], list[str]] = {}
+        merged: dict[str, _Merged] = {}
+        histories: dict[str, list[str]] = {}
         for n, (pos, change) in enumerate(group):
-            src = call.source(pos)
+            call.cover(pos)
             tag = f"{pos.source}:{pos.offset}" if pos.source else f"~{token}:{n}"
             bucket_end = (change.ts_ms // c.log_bucket_ms + 1) * c.log_bucket_ms - 1
             for t in change.targets:
                 if not t.ident:
                     continue  # e.g. an engagement without author id: nothing to count there
-                m = merged.get((src, self.key(t.entity, t.ident)))
+                key = self.key(t.entity, t.ident)
+                m = merged.get(key)
                 if m is None:
-                    m = merged[(src, self.key(t.entity, t.ident))] = _Merged()
+                    m = merged[key] = _Merged()
                 m.add(t, bucket_end, tag, change.ts_ms)
             if change.history is not None:
                 user, member = change.history
-                histories.setdefault((src, self.key(Entity.USER, user, ":seq")), []) \
-                    .extend((str(change.ts_ms), member))
-        for (src, key), m in merged.items():
-            call.targets.append([src, call.index(key), str(m.ttl), m.flat_incr(), m.flat_sets(),
+                histories.setdefault(self.key(Entity.USER, user, ":seq"), []).extend((str(change.ts_ms), member))
+        for key, m in merged.items():
+            call.targets.append([call.index(key), str(m.ttl), m.flat_incr(), m.flat_sets(),
                                  call.index(key + ":log") if m.log else 0, m.flat_log(),
                                  str(m.newest_ms - c.asof_keep_ms)])
-        for (src, key), entries in histories.items():
-            call.histories.append([src, call.index(key), str(c.user_ttl_s), str(c.history_cap), entries])
+        for key, entries in histories.items():
+            call.histories.append([call.index(key), str(c.user_ttl_s), str(c.history_cap), entries])
         return call
 
     async def positions(self) -> dict[str, int]:
@@ -353,47 +359,48 @@ class LiveState:
         """
         if not queries:
             return []
-        earliest: dict[tuple[Entity, str], int] = {}
+        times: dict[tuple[Entity, str], set[int]] = defaultdict(set)  # the times each entity is asked at
         for q in queries:
             for ent, ident in ((Entity.USER, q.user), (Entity.ROOM, q.room), (Entity.AUTHOR, q.author)):
                 if ident:
-                    k = (ent, ident)
-                    earliest[k] = min(earliest.get(k, q.as_of_ms), q.as_of_ms)
-        entities = list(earliest)
+                    times[(ent, ident)].add(q.as_of_ms)
+        entities = list(times)
         async with self.r.pipeline(transaction=False) as pipe:
             for ent, ident in entities:
                 pipe.hgetall(self.key(ent, ident))
-                pipe.zrangebyscore(self.key(ent, ident, ":log"), earliest[(ent, ident)], "+inf", withscores=True)
+                pipe.zrangebyscore(self.key(ent, ident, ":log"), min(times[(ent, ident)]), "+inf", withscores=True)
                 if ent is Entity.USER:
                     pipe.zrange(self.key(ent, ident, ":seq"), 0, -1, withscores=True)
             raw = iter(await pipe.execute())
-        fetched = {}
+        counters: dict[tuple[Entity, str], dict[int, dict[str, float]]] = {}
+        meta: dict[str, dict[str, str]] = {}
+        seqs: dict[str, list[tuple[bytes, float]]] = {}
         for ent, ident in entities:
-            fetched[(ent, ident)] = (next(raw), next(raw), next(raw) if ent is Entity.USER else [])
-        parts: dict[tuple[Entity, str, int], Any] = {}
+            totals, log = next(raw), next(raw)
+            if ent is Entity.ROOM:
+                meta[ident] = {f.decode(): v.decode() for f, v in totals.items() if f.decode() in ROOM_META}
+            elif ent is Entity.USER:
+                seqs[ident] = next(raw)
+            counters[(ent, ident)] = _as_of_each(totals, log, times[(ent, ident)])
+        histories: dict[tuple[str, int], list[HistoryItem]] = {}
 
-        def part(ent: Entity, ident: str, as_of: int) -> Any:
-            k = (ent, ident, as_of)
-            if k not in parts:
-                totals, log, seq = fetched.get((ent, ident), ({}, [], []))
-                later = [m for m, score in log if score >= as_of]
-                if ent is Entity.ROOM:
-                    parts[k] = (_as_of({f: v for f, v in totals.items() if f.decode() not in ROOM_META}, later),
-                                {f.decode(): v.decode() for f, v in totals.items() if f.decode() in ROOM_META})
-                elif ent is Entity.USER:
-                    hist = [_history_item(m, s) for m, s in reversed(seq) if s < as_of][: self.cfg.history_cap]
-                    parts[k] = (_as_of(totals, later), hist)
-                else:
-                    parts[k] = _as_of(totals, later)
-            return parts[k]
+        def history(user: str, as_of: int) -> list[HistoryItem]:
+            if (user, as_of) not in histories:
+                histories[(user, as_of)] = [_history_item(m, sc) for m, sc in reversed(seqs[user])
+                                            if sc < as_of][: self.cfg.history_cap]
+            return histories[(user, as_of)]
 
         out = []
         for q in queries:
-            user, history = part(Entity.USER, q.user, q.as_of_ms) if q.user else ({}, [])
-            room, meta = part(Entity.ROOM, q.room, q.as_of_ms) if q.room else ({}, {})
-            author = part(Entity.AUTHOR, q.author, q.as_of_ms) if q.author else {}
-            out.append(Snapshot(as_of_ms=q.as_of_ms, user=user, history=history, room=room, room_meta=meta,
-                                author=author))
+            t = q.as_of_ms
+            out.append(Snapshot(
+                as_of_ms=t,
+                user=counters[(Entity.USER, q.user)][t] if q.user else {},
+                history=history(q.user, t) if q.user else [],
+                room=counters[(Entity.ROOM, q.room)][t] if q.room else {},
+                room_meta=meta[q.room] if q.room else {},
+                author=counters[(Entity.AUTHOR, q.author)][t] if q.author else {},
+            ))
         await self._fill_categories(out)
         return out
 
@@ -421,7 +428,7 @@ class LiveState:
 
 @dataclass
 class _Merged:
-    """One key's changes within one call and input partition: increments summed, last write of a field wins."""
+    """One key's changes within one call: increments summed, last write of a field wins."""
 
     ttl: int = 0
     newest_ms: int = 0
@@ -431,15 +438,17 @@ class _Merged:
 
     def add(self, t: Target, bucket_end: int, tag: str, ts_ms: int) -> None:
         self.ttl = t.ttl_s  # the latest event's TTL wins, as if each event had set it
-        self.newest_ms = max(self.newest_ms, ts_ms)
-        for f, d in t.incr.items():
-            self.incr[f] = self.incr.get(f, 0.0) + d
-        self.sets.update(t.sets)
+        if ts_ms > self.newest_ms:
+            self.newest_ms = ts_ms
         if t.incr:
-            _, bucket = self.log.get(bucket_end, ("", {}))
+            totals, entry = self.incr, self.log.get(bucket_end)
+            bucket = entry[1] if entry is not None else {}
             for f, d in t.incr.items():
+                totals[f] = totals.get(f, 0.0) + d
                 bucket[f] = bucket.get(f, 0.0) + d
             self.log[bucket_end] = (tag, bucket)
+        if t.sets:
+            self.sets.update(t.sets)
 
     def flat_incr(self) -> list[str]:
         return [x for f, d in self.incr.items() for x in (f, repr(d))]
@@ -456,10 +465,11 @@ class _Merged:
 class _Call:
     marker: str
     keys: list[str] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)  # index i+1 in the payload
+    sources: list[str] = field(default_factory=list)  # input partitions; index i+1 in the payload
     ranges: list[list[int]] = field(default_factory=list)
     targets: list[list[Any]] = field(default_factory=list)
     histories: list[list[Any]] = field(default_factory=list)
+    unpositioned: int = 0  # 1: the call also carries changes without a position (always applied)
     _index: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -471,20 +481,20 @@ class _Call:
             self._index[key] = len(self.keys)
         return self._index[key]
 
-    def source(self, pos: Position) -> int:
+    def cover(self, pos: Position) -> None:
+        """Widen the offset range the call covers in ``pos``'s input partition."""
         if not pos.source:
-            return 0
+            self.unpositioned = 1
+            return
         if pos.source not in self.sources:
             self.sources.append(pos.source)
             self.ranges.append([pos.offset, pos.offset])
-        i = self.sources.index(pos.source)
-        lo, hi = self.ranges[i]
-        self.ranges[i] = [min(lo, pos.offset), max(hi, pos.offset)]
-        return i + 1
+        r = self.ranges[self.sources.index(pos.source)]
+        r[0], r[1] = min(r[0], pos.offset), max(r[1], pos.offset)
 
     def payload(self) -> bytes:
         src = [[s, str(lo), str(hi)] for s, (lo, hi) in zip(self.sources, self.ranges, strict=True)]
-        return orjson.dumps({"src": src, "t": self.targets, "q": self.histories})
+        return orjson.dumps({"src": src, "u": self.unpositioned, "t": self.targets, "q": self.histories})
 
 
 def _chunks(group: tuple[str, list[tuple[Position, Change]]], size: int
@@ -505,14 +515,31 @@ def is_cluster(url: str, **kwargs: Any) -> bool:
         client.close()
 
 
-def _as_of(totals: dict[bytes, bytes], later_increments: list[bytes]) -> dict[str, float]:
-    values = {k.decode(): float(v) for k, v in totals.items() if not k.startswith(b"pos:")}
-    for entry in later_increments:
-        for part in entry.split(b"|", 1)[1].split(b","):
-            name, delta = part.split(b":")
-            values[name.decode()] = values.get(name.decode(), 0.0) - float(delta)
-    # Float increments (watch seconds) leave 1e-13 residues after subtraction; they are not signal.
-    return {k: round(v, 6) for k, v in values.items()}
+def _as_of_each(totals: dict[bytes, bytes], log: list[tuple[bytes, float]], times: set[int]
+                ) -> dict[int, dict[str, float]]:
+    """Counters as of each time in ``times``: totals minus the logged increments scored at or after it.
+
+    One pass over the log from the newest entry down, the times visited newest first, so an entity asked at
+    many times costs O(log length + times) rather than their product.
+    """
+    base = {k.decode(): float(v) for k, v in totals.items()
+            if not k.startswith(b"pos:") and k.decode() not in ROOM_META}
+    later: dict[str, float] = {}
+    out: dict[int, dict[str, float]] = {}
+    entries = iter(sorted(log, key=lambda e: -e[1]))
+    pending = next(entries, None)
+    for t in sorted(times, reverse=True):
+        while pending is not None and pending[1] >= t:
+            for part in pending[0].split(b"|", 1)[1].split(b","):
+                name, delta = part.split(b":")
+                later[name.decode()] = later.get(name.decode(), 0.0) + float(delta)
+            pending = next(entries, None)
+        values = {k: v - later.get(k, 0.0) for k, v in base.items()}
+        for k, d in later.items():
+            values.setdefault(k, -d)
+        # Float increments (watch seconds) leave 1e-13 residues after subtraction; they are not signal.
+        out[t] = {k: round(v, 6) for k, v in values.items()}
+    return out
 
 
 def _history_item(member: bytes, score: float) -> HistoryItem:

@@ -157,15 +157,13 @@ class LabelJoiner:
     def due(self, st: UserJoinState, watermark_ms: int) -> list[tuple[PendingImpression, Labels]]:
         """Impressions whose window (plus lateness) ended by ``watermark_ms``, with their labels.
         Changes nothing: the caller closes them with ``close`` once their samples are safe."""
-        out = []
-        for p in st.pending:
-            if self.closes_by(p.ts_ms, watermark_ms):
-                labels = Labels()
-                for e in st.held:
-                    if self._owner(st, e) is p:
-                        _credit(labels, e)
-                out.append((p, labels))
-        return out
+        closing = {id(p): (p, Labels()) for p in st.pending if self.closes_by(p.ts_ms, watermark_ms)}
+        if closing:
+            for e in st.held:  # each engagement's owner once, not once per closing impression
+                owner = closing.get(id(self._owner(st, e)))
+                if owner is not None:
+                    _credit(owner[1], e)
+        return list(closing.values())
 
     def close(self, st: UserJoinState, impression_ids: set[str], watermark_ms: int) -> int:
         """Move impressions to the closed memory and drop engagements no open window can claim any more.
@@ -174,11 +172,11 @@ class LabelJoiner:
         st.pending = [p for p in st.pending if p.impression_id not in impression_ids]
         st.closed.extend(ClosedImpression(p.impression_id, p.room, p.ts_ms) for p in closing)
         st.closed = st.closed[-CLOSED_MEMORY:]
-        expired = [e for e in st.held if e.ts_ms + self.window_ms + self.lateness_ms <= watermark_ms]
+        end = self.window_ms + self.lateness_ms
         # An engagement can only belong to an impression at most one window older; when stream time is
         # a window (plus lateness) past it, every such impression has closed or never existed.
-        unmatched = sum(1 for e in expired if self._owner(st, e) is None)
-        st.held = [e for e in st.held if e not in expired]
+        unmatched = sum(1 for e in st.held if e.ts_ms + end <= watermark_ms and self._owner(st, e) is None)
+        st.held = [e for e in st.held if e.ts_ms + end > watermark_ms]
         horizon = CLOSED_HORIZON_WINDOWS * self.window_ms
         st.closed = [c for c in st.closed if c.ts_ms + horizon > watermark_ms]
         st.seen = [(i, t) for i, t in st.seen if t + self.dedup_horizon_ms > watermark_ms]

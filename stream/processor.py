@@ -18,7 +18,7 @@ impression id (``model``-side dedup), which makes training exactly-once per impr
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from model.spec import FeatureSpec
@@ -162,8 +162,8 @@ class StreamProcessor:
         report = await self.state.apply([state_change(self.state, i.event) for i in batch], [i.pos for i in batch])
         metrics.REDIS_LATENCY.labels("write").observe(time.perf_counter() - t0)
         metrics.REPLAYED.inc(report.replayed)
-        for i in batch:
-            metrics.EVENTS_IN.labels(i.event.TYPE).inc()
+        for kind, n in Counter(i.event.TYPE for i in batch).items():  # one metric update per type, not per event
+            metrics.EVENTS_IN.labels(kind).inc(n)
 
     async def on_events(self, batch: list[Input]) -> None:
         """Duplicates out, then state (so engagements count even when unattributed), then the label join."""
@@ -216,6 +216,7 @@ class StreamProcessor:
         at or below the partition's recorded position for their source were joined before: skipped. (Every
         partition the batch names is in the result, possibly with no offsets: unpositioned input.)"""
         applied: dict[int, dict[str, int]] = {}
+        outcomes: Counter[Attribution] = Counter()
         for i in batch:
             ev = i.event
             if isinstance(ev, LiveEvent):
@@ -235,8 +236,10 @@ class StreamProcessor:
             else:
                 value = ev.watch_seconds if ev.kind is EngagementKind.WATCH else ev.gift_value
                 held = HeldEngagement(ev.event_id, ev.room_id, ev.kind.value, ev.ts_ms, value)
-                metrics.ENGAGEMENTS.labels(self.joiner.add_engagement(st, held).value).inc()
+                outcomes[self.joiner.add_engagement(st, held)] += 1
             part.touched(ev.user_id)
+        for outcome, n in outcomes.items():
+            metrics.ENGAGEMENTS.labels(outcome.value).inc(n)
         return applied
 
     def newest_pending_ms(self) -> int:
@@ -311,7 +314,8 @@ class StreamProcessor:
     def observe_emitted(self, samples: list[OutgoingSample]) -> None:
         """Count samples the broker acknowledged, and how long after their impression they left."""
         now_ms = time.time() * 1000
+        for entered, n in Counter(s.entered for s in samples).items():
+            metrics.SAMPLES_OUT.labels(str(entered).lower()).inc(n)
         for s in samples:
-            metrics.SAMPLES_OUT.labels(str(s.entered).lower()).inc()
             metrics.EVENT_TO_SAMPLE.observe(max(now_ms - s.event_ms, 0) / 1000)
             metrics.CLOSE_DELAY.observe(max(now_ms - s.event_ms - self.joiner.window_ms, 0) / 1000)

@@ -117,8 +117,9 @@ class StreamWorker:
                     if offsets:
                         await loop.run_in_executor(self._kafka, self._commit, consumer, offsets)
                 if time.monotonic() >= self._next_close:
-                    self._next_close = time.monotonic() + cfg.close_interval_s
-                    await self.guard.run(self._close_windows, "closing attribution windows")
+                    full = await self.guard.run(self._close_windows, "closing attribution windows")
+                    # A tick that hit its bound leaves more due: close again after the next batch.
+                    self._next_close = time.monotonic() + (0 if full else cfg.close_interval_s)
         finally:
             await loop.run_in_executor(self._kafka, consumer.close)
             self.sink.close()
@@ -181,21 +182,23 @@ class StreamWorker:
         log.warning("dead letter from %s/%s@%s: %s", m.topic(), m.partition(), m.offset(), reason[:300])
         return Record(self.cfg.topics.deadletter, key, value, headers)
 
-    async def _close_windows(self) -> None:
+    async def _close_windows(self) -> bool:
+        """Close what is due; True when the tick's bound stopped it (more is due)."""
         proc = self.proc
         now_ms = self.watermark.current(time.time())
         if not now_ms:
             now_ms = self.watermark.current(time.time(), recovered_ms=proc.newest_pending_ms())
         metrics.WATERMARK.set(now_ms)
         if not now_ms:
-            return
+            return False
         due = proc.due(now_ms, limit=self.cfg.max_close_per_tick)  # bounded: a backlog must not stall input
         if not due.users:
-            return
+            return False
         samples = await proc.build_samples(due)
         out = Delivery([Record(self.cfg.topics.samples, s.key, s.value) for s in samples])
         await self.guard.run(lambda: self.sink.deliver(out), "sending samples")
         proc.commit_closed(due, now_ms)  # only now: the samples are acknowledged
         await self.guard.run(proc.commit_joins, "writing join state to Redis")
         proc.observe_emitted(samples)
+        return len(due.items) >= self.cfg.max_close_per_tick
 
