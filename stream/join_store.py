@@ -9,10 +9,11 @@ redelivered after a crash is recognised by position and changes nothing. A worke
 loads its state from Redis; every write is fenced by an epoch, so a worker that lost the partition in a
 rebalance cannot overwrite its new owner's state (its write is refused and it reloads).
 
-Keys (one Redis Cluster slot per partition, by the ``{jp:<n>}`` hash tag)::
+Keys (one Redis Cluster slot per partition, by the ``{jp:...}`` hash tag; ``group`` is the consumer group, so
+apps sharing a Redis keep their join state apart)::
 
-    {jp:<n>}:join   hash user -> encoded UserJoinState
-    {jp:<n>}:meta   hash epoch, pos:<topic>/<partition> -> last offset applied to the join
+    {jp:<group>/<n>}:join   hash user -> encoded UserJoinState
+    {jp:<group>/<n>}:meta   hash epoch, pos:<topic>/<partition> -> last offset applied to the join
 
 Offline (``stream/offline.py``) the same class runs without Redis.
 """
@@ -95,15 +96,16 @@ class JoinPartition:
 class JoinStore:
     """The owned partitions' join state; ``redis`` None keeps it in memory only (offline)."""
 
-    def __init__(self, joiner: LabelJoiner, redis: Any = None, prefix: str = "zl:") -> None:
+    def __init__(self, joiner: LabelJoiner, redis: Any = None, prefix: str = "zl:", group: str = "") -> None:
         self.joiner = joiner
         self.r = redis
         self.prefix = prefix
+        self.group = group  # the consumer group: apps sharing a Redis keep their join state apart
         self.partitions: dict[int, JoinPartition] = {}
         self._commit = LuaScript(redis, "join_commit.lua") if redis is not None else None
 
     def keys(self, number: int) -> tuple[str, str]:
-        tag = f"{self.prefix}{{jp:{number}}}"
+        tag = f"{self.prefix}{{jp:{self.group}/{number}}}"
         return tag + ":join", tag + ":meta"
 
     def partition(self, number: int) -> JoinPartition:

@@ -52,6 +52,7 @@ class StreamWorker:
     def __init__(self, cfg: StreamConfig) -> None:
         self.cfg = cfg
         self.user_topics = {cfg.topics.impression, cfg.topics.engagement}
+        self.group = f"{cfg.topics.prefix}{cfg.app_id}"
         self.watermark = Watermark(cfg.idle_advance_s, started_wall_s=time.time())
         self.guard = Guard(cfg.backoff, resume=lambda: self.watermark.touch(time.time()))
         self._kafka = ThreadPoolExecutor(1, thread_name_prefix="zenith-consume")  # the consumer's one thread
@@ -64,7 +65,7 @@ class StreamWorker:
         c = self.cfg
         consumer = Consumer({
             "bootstrap.servers": c.bootstrap, **c.kafka_security.confluent(),
-            "group.id": f"{c.topics.prefix}{c.app_id}",
+            "group.id": self.group,
             "enable.auto.commit": False,  # committed by us, after each batch's effects exist
             "auto.offset.reset": "earliest",
             # range gives each worker the same partition numbers of the co-partitioned input topics
@@ -104,7 +105,8 @@ class StreamWorker:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         self.state = LiveState.from_url(cfg.redis_url, cfg.state)
-        self.joins = JoinStore(LabelJoiner(cfg.window_ms, cfg.lateness_ms), self.state.r, cfg.state.prefix)
+        self.joins = JoinStore(LabelJoiner(cfg.window_ms, cfg.lateness_ms), self.state.r, cfg.state.prefix,
+                               group=self.group)
         self.proc = StreamProcessor(self.state, default_live_spec(), self.joins.joiner, self.joins)
         self.sink = RecordSink(cfg.bootstrap, cfg.kafka_security)
         consumer = await loop.run_in_executor(self._kafka, self._consumer)
