@@ -36,6 +36,7 @@ enter/watch, strictly before ``t``).
 from __future__ import annotations
 
 import enum
+import random
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -48,6 +49,7 @@ import redis.asyncio as aioredis
 from state.scripts import LuaScript
 
 ROOM_META = ("author", "category", "title", "start_ms", "end_ms")
+TRIM_EVERY = 8  # logs are trimmed to asof_keep_ms on about one write in this many
 POSITION_FIELD = "pos:"  # prefix of the position fields ("pos:<topic>/<partition>"); never a counter
 
 
@@ -188,6 +190,7 @@ class LiveState:
         self.cfg = config or StateConfig()
         self.cluster = cluster
         self._apply = LuaScript(client, "apply_batch.lua")
+        self._rng = random.Random(0)
 
     @classmethod
     def from_url(cls, url: str, config: StateConfig | None = None) -> LiveState:
@@ -335,9 +338,11 @@ class LiveState:
                 user, member = change.history
                 histories.setdefault(self.key(Entity.USER, user, ":seq"), []).extend((str(change.ts_ms), member))
         for key, m in merged.items():
+            # Trimming a log is a command of its own; a log trimmed on 1 write in TRIM_EVERY keeps a little more
+            # than asof_keep_ms (reads select by time anyway) and saves most of them.
+            floor = str(m.newest_ms - c.asof_keep_ms) if self._rng.random() < 1 / TRIM_EVERY else ""
             call.targets.append([call.index(key), str(m.ttl), m.flat_incr(), m.flat_sets(),
-                                 call.index(key + ":log") if m.log else 0, m.flat_log(),
-                                 str(m.newest_ms - c.asof_keep_ms)])
+                                 call.index(key + ":log") if m.log else 0, m.flat_log(), floor])
         for key, entries in histories.items():
             call.histories.append([call.index(key), str(c.user_ttl_s), str(c.history_cap), entries])
         return call

@@ -7,6 +7,7 @@
 --   "t":   [[hash, ttl, incr, set, log, entries, floor], ...]
 --            one key's merged changes: HINCRBYFLOAT the flat [field, delta, ...] pairs in incr, HSET the flat
 --            pairs in set, EXPIRE; then ZADD the flat [score, member, ...] entries to the log, trim it below floor
+--            (floor "": not this time)
 --   "q":   [[key, ttl, cap, entries], ...]   history entries: ZADD, keep the newest cap, EXPIRE
 -- }
 -- Numbers travel as strings: Lua would print a double with 14 digits when passing it to Redis.
@@ -45,7 +46,7 @@ for _, t in ipairs(a.t) do
   if t[5] > 0 and #t[6] > 0 then
     local log = KEYS[t[5]]
     redis.call('ZADD', log, unpack(t[6]))
-    redis.call('ZREMRANGEBYSCORE', log, '-inf', '(' .. t[7])
+    if t[7] ~= '' then redis.call('ZREMRANGEBYSCORE', log, '-inf', '(' .. t[7]) end
     if ttl > 0 then redis.call('EXPIRE', log, ttl) end
   end
 end
