@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     window_s: float = 120.0
     lateness_s: float = 5.0
     idle_advance_s: float = 5.0
+    stream_batch_size: int = 2000  # messages a stream worker takes per consume()
+    stream_session_timeout_s: float = 10.0  # a dead worker's partitions move to the others after this long
+    dedup_horizon_s: float = 300.0  # an event id a user sent within this long is a producer's duplicate
+    state_log_bucket_ms: int = 1000  # as-of reads leave out at most this much of the newest history
+    redis_cluster: bool | None = None  # REDIS_URL names a Redis Cluster node (None: ask the server)
     stream_metrics_port: int = 9101
     trainer_metrics_port: int = 9102
     metrics_host: str = "127.0.0.1"  # where the stream's and trainer's metrics listen; 0.0.0.0 in a container
@@ -88,7 +93,7 @@ class Settings(BaseSettings):
                          tls_cert_file=path(self.redis_tls_cert_file), tls_key_file=path(self.redis_tls_key_file))
 
     def state_config(self) -> StateConfig:
-        return StateConfig(auth=self.redis_auth())
+        return StateConfig(auth=self.redis_auth(), log_bucket_ms=self.state_log_bucket_ms, cluster=self.redis_cluster)
 
     def require_servers(self) -> tuple[str, str]:
         if not self.kafka_bootstrap_servers or not self.redis_url:
@@ -104,6 +109,8 @@ class Settings(BaseSettings):
             bootstrap=bootstrap, redis_url=redis_url, topics=self.topics, partitions=self.partitions,
             window_ms=int(self.window_s * 1000), lateness_ms=int(self.lateness_s * 1000),
             idle_advance_s=self.idle_advance_s, metrics_port=self.stream_metrics_port, metrics_host=self.metrics_host,
+            batch_size=self.stream_batch_size, session_timeout_s=self.stream_session_timeout_s,
+            dedup_horizon_ms=int(self.dedup_horizon_s * 1000),
             state=self.state_config(), limits=self.event_limits(), backoff=Backoff(max_s=self.retry_max_s),
             kafka_security=self.kafka_security(),
         )

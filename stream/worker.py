@@ -105,9 +105,10 @@ class StreamWorker:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         self.state = LiveState.from_url(cfg.redis_url, cfg.state)
-        self.joins = JoinStore(LabelJoiner(cfg.window_ms, cfg.lateness_ms), self.state.r, cfg.state.prefix,
+        joiner = LabelJoiner(cfg.window_ms, cfg.lateness_ms, cfg.dedup_horizon_ms)
+        self.joins = JoinStore(joiner, self.state.r, cfg.state.prefix,
                                group=self.group)
-        self.proc = StreamProcessor(self.state, default_live_spec(), self.joins.joiner, self.joins)
+        self.proc = StreamProcessor(self.state, default_live_spec(), joiner, self.joins)
         self.sink = RecordSink(cfg.bootstrap, cfg.kafka_security)
         consumer = await loop.run_in_executor(self._kafka, self._consumer)
         try:
