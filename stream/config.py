@@ -25,7 +25,7 @@ class StreamConfig:
     batch_within_s: float = 0.05  # ... or what arrived within this long
     session_timeout_s: float = 10.0  # a killed worker's partitions move to a live one after this long
     close_interval_s: float = 0.5
-    max_close_per_tick: int = 2_000  # a tick that hits it closes again after the next batch
+    max_close_per_tick: int = 10_000  # a tick that hits it closes again after the next batch
     # With no events for this long, stream time follows the wall clock, so a quiet stream still closes
     # its windows. 0 disables it (pure event time, e.g. for replays of old logs).
     idle_advance_s: float = 5.0

@@ -46,6 +46,7 @@ log = logging.getLogger("zenith.stream")
 
 MAX_REASON_CHARS = 1024
 DEAD_LETTER_COPY_BYTES = 4096  # what an oversized record's dead letter keeps of it
+ERROR_LOG_EVERY_S = 10.0  # the same consumer error is logged at most this often
 
 
 class StreamWorker:
@@ -59,6 +60,7 @@ class StreamWorker:
         self._assigned: set[tuple[str, int]] = set()
         self._next_close = 0.0
         self._stopping = False
+        self._errors_logged: dict[str, float] = {}
 
     # ---- set-up ------------------------------------------------------------------------------------------
     def _consumer(self) -> Consumer:
@@ -106,8 +108,7 @@ class StreamWorker:
         loop = asyncio.get_running_loop()
         self.state = LiveState.from_url(cfg.redis_url, cfg.state)
         joiner = LabelJoiner(cfg.window_ms, cfg.lateness_ms, cfg.dedup_horizon_ms)
-        self.joins = JoinStore(joiner, self.state.r, cfg.state.prefix,
-                               group=self.group)
+        self.joins = JoinStore(joiner, self.state.r, cfg.state.prefix, group=self.group)
         self.proc = StreamProcessor(self.state, default_live_spec(), joiner, self.joins)
         self.sink = RecordSink(cfg.bootstrap, cfg.kafka_security)
         consumer = await loop.run_in_executor(self._kafka, self._consumer)
@@ -140,7 +141,7 @@ class StreamWorker:
         newest: dict[tuple[str, int], int] = {}
         for m in msgs:
             if m.error() is not None:
-                log.warning("consumer: %s", m.error())
+                self._log_consumer_error(m.error())
                 continue
             topic, part, offset = m.topic(), m.partition(), m.offset()
             if (topic, part) not in self._assigned:
@@ -165,6 +166,13 @@ class StreamWorker:
             for rec in letters.records:
                 metrics.DEAD_LETTERS.labels(rec.headers["x-reject-code"].decode()).inc()
         return [TopicPartition(t, p, off + 1) for (t, p), off in newest.items()]
+
+    def _log_consumer_error(self, err: object) -> None:
+        # The client retries on its own; during a broker outage it reports the same error many times a second.
+        key, now = str(err), time.monotonic()
+        if now - self._errors_logged.get(key, -ERROR_LOG_EVERY_S) >= ERROR_LOG_EVERY_S:
+            self._errors_logged[key] = now
+            log.warning("consumer: %s", err)
 
     def _commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> None:
         # The effects are in Redis with their positions: a lost commit only means a harmless redelivery.

@@ -69,13 +69,10 @@ class RefProc:
         return self.log_path.read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from deploy.infra.process import terminate
+
+        terminate(self.proc.pid, timeout=30.0, group=False)
+        self.proc.wait()
         self._log.close()
 
 

@@ -33,13 +33,10 @@ class WorkerProc:
         return scrape(self.url, timeout_s=2.0)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from deploy.infra.process import terminate
+
+        terminate(self.proc.pid, timeout=30.0, group=False)
+        self.proc.wait()
         self._log.close()
 
 
