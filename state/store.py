@@ -114,7 +114,9 @@ class StateConfig:
             raise ValueError("log_bucket_ms must be > 0 and at most asof_keep_ms")
 
 
-@dataclass(frozen=True)
+# Target and Change are built for every event of the stream: slotted, not frozen (a frozen dataclass pays an
+# object.__setattr__ per field), and treated as immutable all the same.
+@dataclass(slots=True)
 class Target:
     """What one event changes on one user, room or author."""
 
@@ -125,7 +127,7 @@ class Target:
     sets: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Change:
     """One event's state change (pure). Built by ``LiveState.record_*``, applied by ``LiveState.apply``."""
 
