@@ -187,7 +187,7 @@ def decode_event(raw: bytes | str | None, limits: EventLimits = DEFAULT_LIMITS, 
     if cls is None:
         raise MalformedEvent(f"unknown event type {_short(kind)}; expected one of {sorted(_BY_TYPE)}",
                              RejectCode.UNKNOWN_TYPE)
-    event = cls(**{f.name: _field(cls.TYPE, f, obj, limits) for f in fields(cls)})
+    event = cls(**{name: _field(cls.TYPE, name, kind, default, obj, limits) for name, kind, default in _PLANS[cls]})
     _check_time(cls.TYPE, event.ts_ms, limits, int(time.time() * 1000) if now_ms is None else now_ms, stream_ms)
     return event
 
@@ -209,31 +209,39 @@ def _check_time(type_name: str, ts_ms: int, limits: EventLimits, now_ms: int, st
                              f"{stream_ms} (max_lag_ms={limits.max_lag_ms})", RejectCode.BEHIND_STREAM)
 
 
-def _field(type_name: str, f: Any, obj: dict, limits: EventLimits) -> Any:
-    if f.name not in obj:
-        if f.default is not MISSING:
-            return f.default
-        raise MalformedEvent(f"{type_name}: missing field {f.name!r}", RejectCode.MISSING_FIELD)
-    value = obj[f.name]
-    if f.name in _ENUMS:
+def _plan(cls: type) -> list[tuple[str, str, Any]]:
+    """(name, kind, default) per field, worked out once per event class rather than per message."""
+    out = []
+    for f in fields(cls):
+        kind = "enum" if f.name in _ENUMS else (f.type if isinstance(f.type, str) else f.type.__name__)
+        if kind not in ("enum", "str", "int", "float"):
+            raise AssertionError(f"unhandled field type {kind} for {f.name}")  # a new field needs a rule here
+        out.append((f.name, kind, f.default))
+    return out
+
+
+def _field(type_name: str, name: str, kind: str, default: Any, obj: dict, limits: EventLimits) -> Any:
+    if name not in obj:
+        if default is not MISSING:
+            return default
+        raise MalformedEvent(f"{type_name}: missing field {name!r}", RejectCode.MISSING_FIELD)
+    value = obj[name]
+    if kind == "str":
+        return _string(type_name, name, value, limits)
+    if kind == "int":
+        return _integer(type_name, name, value, limits)
+    if kind == "enum":
         try:
-            return _ENUMS[f.name](value)
+            return _ENUMS[name](value)
         except (ValueError, TypeError):
-            allowed = [e.value for e in _ENUMS[f.name]]
-            raise MalformedEvent(f"{type_name}: {f.name}={_short(value)} is not one of {allowed}") from None
-    expected = f.type if isinstance(f.type, str) else f.type.__name__
-    if expected == "str":
-        return _string(type_name, f.name, value, limits)
-    if expected == "int":
-        return _integer(type_name, f.name, value, limits)
-    if expected == "float":
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise MalformedEvent(f"{type_name}: {f.name} must be a finite non-negative number, got {_short(value)}")
-        cap = limits.max_watch_s if f.name == "watch_seconds" else limits.max_gift_value
-        if value > cap:
-            raise MalformedEvent(f"{type_name}: {f.name}={value} is more than {cap}")
-        return float(value)
-    raise AssertionError(f"unhandled field type {expected} for {f.name}")  # a new field needs a rule here
+            allowed = [e.value for e in _ENUMS[name]]
+            raise MalformedEvent(f"{type_name}: {name}={_short(value)} is not one of {allowed}") from None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise MalformedEvent(f"{type_name}: {name} must be a finite non-negative number, got {_short(value)}")
+    cap = limits.max_watch_s if name == "watch_seconds" else limits.max_gift_value
+    if value > cap:
+        raise MalformedEvent(f"{type_name}: {name}={value} is more than {cap}")
+    return float(value)
 
 
 def _string(type_name: str, name: str, value: Any, limits: EventLimits) -> str:
@@ -262,3 +270,6 @@ def _integer(type_name: str, name: str, value: Any, limits: EventLimits) -> int:
     if name == "position" and not 0 <= value <= limits.max_position:
         raise MalformedEvent(f"{type_name}: position={value} must be in 0..{limits.max_position}")
     return value
+
+
+_PLANS: dict[type, list[tuple[str, str, Any]]] = {cls: _plan(cls) for cls in _BY_TYPE.values()}
