@@ -2,10 +2,11 @@
 
 Faust runs the process: its lifecycle (start-up, SIGINT/SIGTERM, clean shutdown), logging, and one
 long-running task, the worker's batch loop (``stream/worker.py``). The loop consumes with confluent-kafka's
-``consume(num_messages=...)`` rather than through a Faust agent because Faust's per-message path is the
-ceiling: ``zenith bench stream`` measures a Faust agent that does nothing at a fraction of what the batch loop
-does with all its work (see README, "Stream throughput"). The commit discipline is the agent's was: offsets are
-committed only after a batch's effects are in Redis and its samples and dead letters are acknowledged.
+``consume(num_messages=...)`` rather than through a Faust agent because a Faust agent's per-message path costs
+about as much as all of the stream's own work: in ``zenith bench stream`` a Faust agent that does nothing
+drains barely faster than the batch loop doing everything (README, "Stream throughput"). The commit
+discipline is the one the agent had: offsets are committed only after a batch's effects are in Redis and its
+samples and dead letters are acknowledged.
 
 Delivery guarantee: at-least-once into ``samples``; state and join writes are idempotent by input position;
 the trainer drops repeated impression ids, so each impression is *trained* exactly once.
