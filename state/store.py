@@ -11,12 +11,13 @@ room or author live in one slot and each atomic step touches one slot)::
     pos               hash "pos:<topic>/<partition>" -> the last input offset applied (one Redis)
 
 **Idempotent by position, not by event.** Writes carry the input position (topic/partition, offset) of the
-event that made them. A batch's writes and the positions they cover are applied in one Lua call, which
-skips a partition whose range it has already applied; so a redelivered batch changes nothing and the dedup
-memory is one field per input partition, not one key per event. On Redis Cluster a call cannot span slots:
-the writes are grouped per entity and each entity's hash keeps its own ``pos:`` fields (a few per entity,
-expiring with it). Events a producer really sent twice (same id, new offset) are not caught here; the
-label join drops repeated impression and engagement ids within a user's bounded join memory.
+event that made them. A batch's writes and the positions they cover are applied in one Lua call, all or
+nothing; a call that covers offsets already applied is refused and resent without them, so a redelivered
+batch (also one cut at other boundaries) changes nothing, and the dedup memory is one field per input
+partition, not one key per event. On Redis Cluster a call cannot span slots: the writes are grouped per
+entity and each entity's hash keeps its own ``pos:`` fields (a few per entity, expiring with it). Events a
+producer really sent twice (same id, new offset) are not caught here: the stream's id guard
+(``StreamProcessor.admit``) drops them before they are written.
 
 **Batch-level work.** Within a call, increments are merged per key (one HINCRBYFLOAT per key and field, one
 EXPIRE per key), so Redis work grows with the distinct users, rooms and authors of a batch rather than its
