@@ -49,6 +49,7 @@ class JoinPartition:
     pending: int = 0  # impressions waiting for their window
     dirty: set[str] = field(default_factory=set)
     _due: list[tuple[int, str]] = field(default_factory=list)  # (ms the user next needs attention, user)
+    _indexed: dict[str, int] = field(default_factory=dict)  # user -> the time of its live entry in _due
 
     def get(self, user: str) -> UserJoinState:
         st = self.users.get(user)
@@ -61,33 +62,45 @@ class JoinPartition:
         self.dirty.add(user)
 
     def reindex(self, joiner: LabelJoiner) -> None:
-        """Index the changed users by when they next need attention; forget the emptied ones. The entries
-        they had stay in the heap and are skipped when popped (lazy deletion keeps this O(log n) a user)."""
+        """Index the changed users by when they next need attention; forget the emptied ones.
+
+        A user has one live heap entry, at ``_indexed[user]``; a new one is pushed only when the user's due
+        time moved earlier. One that moved later keeps its entry, which is pushed again at its actual time
+        when popped. So the heap holds about one entry per user, however often users change.
+        """
         for user in self.dirty:
             st = self.users.get(user)
             if st is None:
                 continue
             if st.empty():
                 del self.users[user]
-            else:
-                heapq.heappush(self._due, (joiner.next_due_ms(st), user))
+                self._indexed.pop(user, None)  # its entry is skipped when popped
+                continue
+            due = joiner.next_due_ms(st)
+            if due < self._indexed.get(user, 2**63):
+                heapq.heappush(self._due, (due, user))
+                self._indexed[user] = due
 
     def due_users(self, watermark_ms: int, joiner: LabelJoiner, limit: int) -> list[str]:
         """Users with something due at ``watermark_ms``, oldest first, until ``limit`` impressions are due.
-        Leaves the index as it was (the caller closes them only once their samples are safe)."""
-        out: dict[str, None] = {}  # insertion-ordered set
-        popped, n = [], 0
+        Leaves their index entries in place (the caller closes them only once their samples are safe)."""
+        out: list[str] = []
+        n = 0
         while self._due and self._due[0][0] <= watermark_ms and n < limit:
-            entry = heapq.heappop(self._due)
-            st = self.users.get(entry[1])
-            if st is None or joiner.next_due_ms(st) != entry[0] or entry[1] in out:
-                continue  # stale: the user changed or went since this entry was pushed
-            popped.append(entry)
-            out[entry[1]] = None
+            at, user = heapq.heappop(self._due)
+            st = self.users.get(user)
+            if st is None or self._indexed.get(user) != at:
+                continue  # superseded by an earlier entry, or the user went
+            due = joiner.next_due_ms(st)
+            if due > watermark_ms:  # the user changed since: it is due later
+                heapq.heappush(self._due, (due, user))
+                self._indexed[user] = due
+                continue
+            out.append(user)
             n += sum(1 for p in st.pending if joiner.closes_by(p.ts_ms, watermark_ms))
-        for entry in popped:
-            heapq.heappush(self._due, entry)
-        return list(out)
+        for user in out:
+            heapq.heappush(self._due, (self._indexed[user], user))
+        return out
 
     def newest_pending_ms(self) -> int:
         return max((p.ts_ms for st in self.users.values() for p in st.pending), default=0)
@@ -129,7 +142,9 @@ class JoinStore:
                 st = UserJoinState.decode(raw)
                 part.users[user.decode()] = st
                 part.pending += len(st.pending)
-                heapq.heappush(part._due, (self.joiner.next_due_ms(st), user.decode()))
+                part.touched(user.decode())
+            part.reindex(self.joiner)
+            part.dirty.clear()
         self.partitions[number] = part
         return part
 

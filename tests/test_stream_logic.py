@@ -206,3 +206,25 @@ def test_the_lag_bound_measures_from_partitions_not_from_the_wall_clock() -> Non
     assert w.floor() == 3_000  # ... the validation's reference does not
     w.touch(wall_s=100)
     assert w.current(wall_s=101) == 3_000  # after an outage the input counts as held, not quiet
+
+
+def test_the_join_index_holds_about_one_entry_per_user_and_finds_what_is_due() -> None:
+    """Closing costs what closes: users are found by due time, and re-touching a user in every batch does
+    not grow the index (one live entry per user)."""
+    from stream.features import Candidate
+    from stream.join_store import JoinPartition
+
+    j = LabelJoiner(window_ms=10_000, lateness_ms=0)
+    part = JoinPartition(0)
+    for step in range(200):  # every user gets an impression in every batch
+        for u in range(50):
+            shown = Candidate(f"u{u}", "r1", "a1", "c1", ts_ms=step * 100, hour=0, device="ios", tab="live",
+                              position=0)
+            j.add_impression(part.get(f"u{u}"), PendingImpression(f"i{step}-{u}", shown))
+            part.touched(f"u{u}")
+        part.reindex(j)
+        part.dirty.clear()
+    assert len(part._due) <= 2 * 50
+    assert part.due_users(9_999, j, limit=10**9) == []  # the first window ends at 10 s
+    assert sorted(part.due_users(10_000, j, limit=10**9)) == sorted(f"u{u}" for u in range(50))
+    assert len(part.due_users(10_000, j, limit=3)) == 3  # bounded by the impressions a tick may close
