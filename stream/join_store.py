@@ -84,23 +84,25 @@ class JoinPartition:
     def due_users(self, watermark_ms: int, joiner: LabelJoiner, limit: int) -> list[str]:
         """Users with something due at ``watermark_ms``, oldest first, until ``limit`` impressions are due.
         Leaves their index entries in place (the caller closes them only once their samples are safe)."""
-        out: list[str] = []
+        out: dict[str, None] = {}  # insertion-ordered set
         n = 0
         while self._due and self._due[0][0] <= watermark_ms and n < limit:
             at, user = heapq.heappop(self._due)
             st = self.users.get(user)
-            if st is None or self._indexed.get(user) != at:
-                continue  # superseded by an earlier entry, or the user went
+            if st is None or self._indexed.get(user) != at or user in out:
+                # superseded by an earlier entry, the user went, or a second entry at the same time (a user
+                # whose due time moved earlier and back again): each user is due once
+                continue
             due = joiner.next_due_ms(st)
             if due > watermark_ms:  # the user changed since: it is due later
                 heapq.heappush(self._due, (due, user))
                 self._indexed[user] = due
                 continue
-            out.append(user)
+            out[user] = None
             n += sum(1 for p in st.pending if joiner.closes_by(p.ts_ms, watermark_ms))
         for user in out:
             heapq.heappush(self._due, (self._indexed[user], user))
-        return out
+        return list(out)
 
     def newest_pending_ms(self) -> int:
         return max((p.ts_ms for st in self.users.values() for p in st.pending), default=0)

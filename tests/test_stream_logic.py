@@ -228,3 +228,27 @@ def test_the_join_index_holds_about_one_entry_per_user_and_finds_what_is_due() -
     assert part.due_users(9_999, j, limit=10**9) == []  # the first window ends at 10 s
     assert sorted(part.due_users(10_000, j, limit=10**9)) == sorted(f"u{u}" for u in range(50))
     assert len(part.due_users(10_000, j, limit=3)) == 3  # bounded by the impressions a tick may close
+
+
+def test_a_user_whose_due_time_moves_earlier_and_back_is_due_once() -> None:
+    """A held engagement moves the user's due time earlier; once it is gone the due time is back where it
+    was, so the index holds two entries at that time. The user must still be closed once, not twice."""
+    from stream.features import Candidate
+    from stream.join_store import JoinPartition
+
+    j = LabelJoiner(window_ms=10_000, lateness_ms=0)
+    part = JoinPartition(0)
+    st = part.get("u1")
+    j.add_impression(st, PendingImpression("i1", Candidate("u1", "r1", "a1", "c1", ts_ms=50_000, hour=0,
+                                                           device="ios", tab="live", position=0)))
+    part.touched("u1")
+    part.reindex(j)  # due at 60 s
+    st.held.append(HeldEngagement("e0", "r9", "enter", 1_000, 0.0))  # expires at 11 s: due earlier
+    part.touched("u1")
+    part.reindex(j)
+    assert part.due_users(11_000, j, limit=10) == ["u1"]
+    j.close(st, set(), 11_000)  # the engagement expires: due at 60 s again
+    part.touched("u1")
+    part.reindex(j)
+    assert part.due_users(11_000, j, limit=10) == []  # re-indexed at 60 s, next to the first entry
+    assert part.due_users(60_000, j, limit=10) == ["u1"]
