@@ -11,8 +11,8 @@ Engagements are held in the join state until no open window can claim them. One 
 already-closed window is *late* (counted, not silently lost); one no impression ever claimed is
 *unmatched*.
 
-The Faust app stores a ``UserJoinState`` per user in a changelog-backed table; this module knows nothing
-about Faust, so it is tested directly.
+The stream worker keeps a ``UserJoinState`` per user in memory for the partitions it owns, durable in Redis
+(``stream/join_store.py``); this module knows nothing about either, so it is tested directly.
 
 >>> j = LabelJoiner(window_ms=60_000, lateness_ms=0)
 >>> st = UserJoinState()

@@ -1,16 +1,14 @@
 """Retry a step of the stream until its dependency answers: no acknowledgement without effect.
 
-Faust acknowledges a ``take_events`` batch when the agent's loop body ends, *also when it raises*, and a
-crashed agent is restarted on the next batch. So a Redis or Kafka error that escapes the body loses the
-batch: its offsets get committed with nothing done. ``Guard.run`` keeps the body from ending until the
-step succeeds: it retries with capped exponential backoff for as long as the dependency is down (the
-blocked agent holds its input: Faust stops fetching a partition whose stream buffer is full, so consumption
-pauses), exposes the outage as metrics
-(``zenith_stream_dependency_up``, ``..._outage_seconds_total``, ``..._retries_total``) and one log line at
-its start and one at its end, then resumes where it stopped.
+A batch whose effects are not all done must not be acknowledged, and a loop that crashes on a Redis or Kafka
+error would be restarted past it. ``Guard.run`` keeps the stream worker's batch loop on the failing step
+until it succeeds: it retries with capped exponential backoff for as long as the dependency is down (the
+loop consumes nothing further and commits nothing meanwhile, so consumption pauses), exposes the outage as
+metrics (``zenith_stream_dependency_up``, ``..._outage_seconds_total``, ``..._retries_total``) and one log
+line at its start and one at its end, then resumes where it stopped.
 
-Every retried step is idempotent (state writes by event id, sends of the same record), so a step that
-failed half way is simply done again.
+Every retried step is idempotent (state and join writes by input position, sends of the same record), so a
+step that failed half way is simply done again.
 """
 
 from __future__ import annotations
@@ -114,7 +112,7 @@ class Guard:
         if first and self._pause is not None:
             try:
                 self._pause()
-            except Exception:  # pausing is an optimisation; the blocked agent already holds the input
+            except Exception:  # pausing is an optimisation; the blocked loop already holds the input
                 log.exception("pausing the input partitions failed")
 
     def _end(self) -> None:

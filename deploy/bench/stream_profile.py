@@ -24,11 +24,11 @@ OWNER_HELP = {
     "join": "label join: pending impressions, held engagements, due/close",
     "decode events": "decode_event: JSON -> validated typed event",
     "encode samples": "SampleCodec.encode: feature row -> binary sample record",
-    "join state codec": "UserJoinState encode/decode (the Faust table's value format)",
+    "join state codec": "UserJoinState encode/decode (the join state's Redis format)",
     "asyncio": "asyncio event loop (scheduling callbacks)", "metrics": "prometheus_client counters and histograms",
     "driver": "offline driver loop",
-    "faust": "Faust/mode runtime: streams, take_events buffering, table + changelog, offset acks, timers",
-    "kafka client": "aiokafka: fetch, decode record batches, produce samples and changelog records",
+    "faust": "Faust/mode runtime hosting the batch loop (start-up, services, timers)",
+    "kafka client": "Kafka clients: aiokafka (Faust's) and confluent-kafka calls on the loop's thread",
 }
 
 
