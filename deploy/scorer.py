@@ -207,14 +207,11 @@ def parse_rank_request(body: bytes, max_candidates: int) -> RankRequest:
 # ---- state ----------------------------------------------------------------------------------------------------
 async def read_snapshots(state: LiveState, user: str, candidates: list[tuple[str, str]], as_of_ms: int
                          ) -> list[Snapshot]:
-    """What ``state.read([AsOf(user, room, author, as_of_ms) for room, author in candidates])`` returns, in the
-    same single pipelined round trip, but reading the user's counters and history once instead of per candidate.
+    """The state of ``user`` against each (room, author) candidate as of ``as_of_ms``, in one pipelined round trip.
 
-    Why: the user part is identical for every candidate, and reading and parsing it N times was ~3/4 of a
-    1000-candidate request. ``LiveState.read`` reads each query's user, room and author parts independently,
-    so one query carries the user and N user-less queries carry the rooms and authors (empty ids read nothing:
-    the state never writes an empty id's keys). tests/test_scorer.py checks the result against full per-candidate
-    reads, so a future user-dependent Snapshot field would fail there rather than go silently missing.
+    ``LiveState.read`` reads every user, room and author once however many candidates name it, so the user's
+    counters and history are read and parsed once per request. tests/test_scorer.py checks the result against
+    per-candidate reads.
     """
     return await state.read_for_ranking(user, candidates, as_of_ms)
 

@@ -60,6 +60,7 @@ class StreamWorker:
         self.guard = Guard(cfg.backoff, resume=lambda: self.watermark.touch(time.time()))
         self._kafka = ThreadPoolExecutor(1, thread_name_prefix="zenith-consume")  # the consumer's one thread
         self._assigned: set[tuple[str, int]] = set()
+        self._reassigned = False  # set by the rebalance callbacks
         self._next_close = 0.0
         self._stopping = False
         self._errors_logged: dict[str, float] = {}
@@ -86,12 +87,18 @@ class StreamWorker:
 
     def _on_assign(self, _c: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        self._reassigned = True
 
     def _on_revoke(self, _c: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        self._reassigned = True
 
     async def _sync_partitions(self) -> None:
-        """Load the join state of newly owned partitions, forget revoked ones; stream time follows suit."""
+        """Load the join state of newly owned partitions, forget revoked ones; stream time follows suit.
+        Only after a rebalance (the callbacks run inside ``consume``), not on every turn of the loop."""
+        if not self._reassigned:
+            return
+        self._reassigned = False
         owned = {p for t, p in self._assigned if t in self.user_topics}
         held = set(self.joins.partitions)
         for n in sorted(owned - held):
