@@ -114,18 +114,29 @@ class HashedEmbedding(EmbeddingTable):
 
     def bucket_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """``[..., n_hashes]`` bucket indices for raw int64 ids."""
-        x = ids.to(torch.long).unsqueeze(-1)
-        mask = (1 << 31) - 1
-        limbs = (x & mask, (x >> 31) & mask, (x >> 62) & 3)  # arithmetic shift: sign lands in the top limb
-        a = self.coeffs.to(ids.device)
-        h = a[:, 3] + _mod_p(a[:, 0] * limbs[0]) + _mod_p(a[:, 1] * limbs[1]) + a[:, 2] * limbs[2]
-        return _mod_p(h) % self.num_buckets  # every intermediate < 2^63: no overflow on any device
+        return carter_wegman(ids.unsqueeze(-1), self.coeffs.unsqueeze(0), self.num_buckets)[..., 0, :]
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        buckets = self.bucket_ids(ids)
-        self._record(buckets[ids != 0])  # id 0 reads nothing and gets no gradient
+    def embed_buckets(self, buckets: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The vectors of ``ids`` given their ``bucket_ids`` (computed elsewhere, e.g. for many tables at once)."""
+        if self.training and torch.is_grad_enabled():
+            self._record(buckets[ids != 0])  # id 0 reads nothing and gets no gradient
         vec = F.embedding(buckets, self.weight, sparse=True).mean(dim=-2)
         return vec * (ids != 0).unsqueeze(-1).to(vec.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_buckets(self.bucket_ids(ids), ids)
+
+
+def carter_wegman(ids: torch.Tensor, coeffs: torch.Tensor, num_buckets: int | torch.Tensor) -> torch.Tensor:
+    """Bucket indices of ``ids [..., C]`` under each of ``C`` tables' hashes (``coeffs [C, n_hashes, 4]``,
+    ``num_buckets`` an int or ``[C, 1]``): ``[..., C, n_hashes]``. One set of tensor ops for all ``C`` columns,
+    which is what a batch of small lookups costs on a CPU: the op count, not the arithmetic."""
+    x = ids.to(torch.long).unsqueeze(-1)
+    mask = (1 << 31) - 1
+    limbs = (x & mask, (x >> 31) & mask, (x >> 62) & 3)  # arithmetic shift: sign lands in the top limb
+    a = coeffs.to(ids.device)
+    h = a[..., 3] + _mod_p(a[..., 0] * limbs[0]) + _mod_p(a[..., 1] * limbs[1]) + a[..., 2] * limbs[2]
+    return _mod_p(h) % num_buckets  # every intermediate < 2^63: no overflow on any device
 
 
 def _mod_p(x: torch.Tensor) -> torch.Tensor:

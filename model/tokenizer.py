@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.embedding import HashedEmbedding, carter_wegman
 from model.layers import MLP, TokenwiseLayerNorm, TokenwiseLinear
 from model.spec import FeatureSpec
 
@@ -53,11 +54,16 @@ class TargetAttention(nn.Module):
         self.log_tau = nn.Parameter(torch.tensor(math.log(5.0)))
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # items [B, L, E], mask [B, L] (True = real item), target [B, E]
-        cos = torch.einsum("ble,be->bl", F.normalize(items, dim=-1), F.normalize(self.query(target), dim=-1))
+        # items [B, L, E], mask [B, L] (True = real item), target [B, E]. items and mask may have B = 1 for
+        # a sequence shared by every row (one user's candidates): then two plain matmuls, not B copies.
+        query = F.normalize(self.query(target), dim=-1)
+        if items.shape[0] == 1 and target.shape[0] != 1:
+            cos = query @ F.normalize(items[0], dim=-1).T
+        else:
+            cos = torch.einsum("ble,be->bl", F.normalize(items, dim=-1), query)
         scores = (cos * self.log_tau.exp()).masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros
-        pooled = torch.einsum("bl,ble->be", weights, items)
+        pooled = weights @ items[0] if items.shape[0] == 1 else torch.einsum("bl,ble->be", weights, items)
         return torch.cat([pooled, pooled * target], dim=-1)
 
 
@@ -81,6 +87,16 @@ class PrimeTokenizer(nn.Module):
             for g, (id_names, dn) in spec.groups().items()
         ]
         assert len(self._own) + len(self._seq) + len(self._groups) > 0, "the spec produces no tokens"
+        # Every id column any token reads is embedded once per forward, all columns hashed in one go.
+        self._columns = sorted({i for i, _ in self._own} | {ti for _, ti, _ in self._seq}
+                               | {i for _, id_feats, _ in self._groups for i, _ in id_feats})
+        self._column_tables = [spec.ids[i].table_name for i in self._columns]
+        hashed = [tables[t] for t in self._column_tables]
+        self._batched_hash = all(isinstance(t, HashedEmbedding) for t in hashed) and \
+            len({t.n_hashes for t in hashed}) <= 1  # type: ignore[union-attr]
+        if self._batched_hash and hashed:
+            self.register_buffer("_coeffs", torch.stack([t.coeffs for t in hashed]), persistent=False)
+            self.register_buffer("_buckets", torch.tensor([[t.num_buckets] for t in hashed]), persistent=False)
         self.seq_attn = nn.ModuleList(TargetAttention(emb_dim) for _ in self._seq)
         self.own_proj = TokenwiseLinear(len(self._own), emb_dim, d_model) if self._own else None
         self.seq_proj = TokenwiseLinear(len(self._seq), 2 * emb_dim, d_model) if self._seq else None
@@ -99,23 +115,35 @@ class PrimeTokenizer(nn.Module):
                 + [f"group:{g}" for g, _, _ in self._groups])
 
     def forward(self, ids: torch.Tensor, seqs: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """``ids [B, n_ids]``, ``seqs [B, n_seqs, L]`` or ``[1, n_seqs, L]`` (one user's sequences, shared by
+        every row: embedded once), ``dense [B, n_dense]`` -> tokens ``[B, T, D]``."""
         tokens: list[torch.Tensor] = []
+        emb = self._embed_columns(ids)
         if self.own_proj is not None:
-            own = [self.tables[t](ids[:, i]) for i, t in self._own]
-            tokens.append(self.own_proj(torch.stack(own, dim=1)))
+            tokens.append(self.own_proj(torch.stack([emb[i] for i, _ in self._own], dim=1)))
         if self.seq_proj is not None:
             pooled = []
             for attn, (si, ti, table) in zip(self.seq_attn, self._seq, strict=True):
                 items = seqs[:, si]
-                pooled.append(attn(self.tables[table](items), items != 0, self.tables[table](ids[:, ti])))
+                pooled.append(attn(self.tables[table](items), items != 0, emb[ti]))
             tokens.append(self.seq_proj(torch.stack(pooled, dim=1)))
         dense = dense.to(self.norm.weight.dtype)
         for mlp, (_, id_feats, dense_idx) in zip(self.group_mlps, self._groups, strict=True):
-            parts = [self.tables[t](ids[:, i]) for i, t in id_feats]
+            parts = [emb[i] for i, _ in id_feats]
             if dense_idx:
                 parts.append(dense[:, dense_idx])
             tokens.append(mlp(torch.cat(parts, dim=-1)).unsqueeze(1))
         return self.norm(torch.cat(tokens, dim=1))
+
+
+    def _embed_columns(self, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Id column -> its ``[B, E]`` embedding, for every column a token reads."""
+        if not self._batched_hash:
+            return {i: self.tables[t](ids[:, i]) for i, t in zip(self._columns, self._column_tables, strict=True)}
+        cols = ids[:, self._columns]
+        buckets = carter_wegman(cols, self._coeffs, self._buckets)  # [B, C, n_hashes]
+        return {i: self.tables[t].embed_buckets(buckets[:, c], cols[:, c])  # type: ignore[operator]
+                for c, (i, t) in enumerate(zip(self._columns, self._column_tables, strict=True))}
 
 
 def token_cosine_similarity(tokens: torch.Tensor) -> float:

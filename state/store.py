@@ -40,7 +40,7 @@ import enum
 import random
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -359,8 +359,9 @@ class LiveState:
         return {k.decode().removeprefix(POSITION_FIELD): int(v) for k, v in raw.items()}
 
     # ---- reads ---------------------------------------------------------------------------------------
-    async def read(self, queries: Sequence[AsOf]) -> list[Snapshot]:
-        """Snapshots as of each query's time, in one pipelined round trip (plus one for history categories).
+    async def read(self, queries: Sequence[AsOf], categories: Mapping[str, str] | None = None) -> list[Snapshot]:
+        """Snapshots as of each query's time, in one pipelined round trip (plus one for history categories
+        that ``categories``, room -> category, does not already know).
 
         Each user, room and author is read once however many queries name it: its hash, its log from the
         earliest time asked, and (users) the whole capped history; each query then subtracts what came after
@@ -410,7 +411,7 @@ class LiveState:
                 room_meta=meta[q.room] if q.room else {},
                 author=counters[(Entity.AUTHOR, q.author)][t] if q.author else {},
             ))
-        await self._fill_categories(out)
+        await self._fill_categories(out, categories or {})
         return out
 
     async def read_for_ranking(self, user: str, candidates: Sequence[tuple[str, str]], as_of_ms: int
@@ -418,20 +419,21 @@ class LiveState:
         """``read`` for one user against many (room, author) candidates at one time (each key read once)."""
         return await self.read([AsOf(user, room, author, as_of_ms) for room, author in candidates])
 
-    async def _fill_categories(self, snaps: list[Snapshot]) -> None:
+    async def _fill_categories(self, snaps: list[Snapshot], known: Mapping[str, str]) -> None:
         """History rooms' categories, looked up at read time in one more round trip. (Resolving them when
         the engagement is written would depend on whether the room's start event was processed first.)"""
-        rooms = sorted({h.room for s in snaps for h in s.history})
-        if not rooms:
-            return
-        async with self.r.pipeline(transaction=False) as pipe:
-            for room in rooms:
-                pipe.hget(self.key(Entity.ROOM, room), "category")
-            cats = {room: (c or b"").decode() for room, c in zip(rooms, await pipe.execute(), strict=True)}
+        rooms = sorted({h.room for s in snaps for h in s.history} - known.keys())
+        cats: dict[str, str] = {}
+        if rooms:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for room in rooms:
+                    pipe.hget(self.key(Entity.ROOM, room), "category")
+                cats = {room: (c or b"").decode() for room, c in zip(rooms, await pipe.execute(), strict=True)}
         filled: dict[int, list[HistoryItem]] = {}  # snapshots share history lists: fill each list once
         for s in snaps:
             if id(s.history) not in filled:
-                filled[id(s.history)] = [replace(h, category=cats[h.room]) for h in s.history]
+                filled[id(s.history)] = [replace(h, category=cats[h.room] if h.room in cats else known[h.room])
+                                         for h in s.history]
             s.history = filled[id(s.history)]
 
 
