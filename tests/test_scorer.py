@@ -152,6 +152,47 @@ def test_rank_is_sorted_versioned_and_equals_the_model_on_stream_features(tmp_pa
     asyncio.run(h.run(body))
 
 
+def test_rooms_come_from_the_shared_snapshot_and_changes_arrive_within_the_bound(tmp_path: Path,
+                                                                             redis_url: str) -> None:
+    h = Harness(tmp_path, redis_url, item_refresh_s=0.2)
+    learner = _learner()
+    _publish(VersionWriter(h.registry), learner)
+
+    async def body(scorer: Scorer, client: TestClient) -> None:
+        await _until(lambda: scorer.serving is not None, what="first version")
+
+        async def scores() -> dict[str, float]:
+            resp = await client.post("/v1/rank", json=_request(40))  # about now: the cache's business
+            assert resp.status == 200, await resp.text()
+            return {r["room_id"]: r["score"] for r in (await resp.json())["results"]}
+
+        first = await scores()  # the cache is empty: every candidate is read in the request
+        assert scorer._items is not None
+        await _until(lambda: scorer._items.refreshes >= 2, what="two refreshes")
+        assert await scores() == first  # nothing changed: the cached snapshot scores the same
+        metrics = await (await client.get("/metrics")).text()
+        assert 'zenith_scorer_item_cache_lookups_total{result="miss"} 40.0' in metrics
+        assert 'zenith_scorer_item_cache_lookups_total{result="hit"} 40.0' in metrics
+        assert 0 <= scorer._items.age_s() < 2 * 0.2
+
+        # the stream changes one room; the scorer sees it within the staleness bound, without a miss
+        state = LiveState.from_url(redis_url, StateConfig(prefix=h.prefix))
+        try:
+            now = int(time.time() * 1000) - 5000
+            await state.apply([state.record_impression(now + i, f"v{i}", "r3", "a3", "c3") for i in range(300)])
+        finally:
+            await state.aclose()
+        t0 = time.monotonic()
+        while (after := await scores())["r3"] == first["r3"]:
+            assert time.monotonic() - t0 < 2.0, "a room's change did not reach the scorer in 2 s (bound: 0.4 s)"
+            await asyncio.sleep(0.05)
+        assert {r: v for r, v in after.items() if r != "r3"} == {r: v for r, v in first.items() if r != "r3"}
+        metrics = await (await client.get("/metrics")).text()
+        assert 'zenith_scorer_item_cache_lookups_total{result="miss"} 40.0' in metrics  # no new misses
+
+    asyncio.run(h.run(body))
+
+
 def test_bad_input_gets_a_4xx_that_says_what_is_wrong(tmp_path: Path, redis_url: str) -> None:
     h = Harness(tmp_path, redis_url, max_candidates=50, max_body_bytes=8192)
 
