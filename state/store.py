@@ -193,6 +193,7 @@ class LiveState:
         self.cfg = config or StateConfig()
         self.cluster = cluster
         self._apply = LuaScript(client, "apply_batch.lua")
+        self._read_many = LuaScript(client, "read_many.lua")
         self._rng = random.Random(0)
 
     @classmethod
@@ -413,6 +414,33 @@ class LiveState:
             ))
         await self._fill_categories(out, categories or {})
         return out
+
+    async def read_items(self, rooms: Sequence[str], authors: Sequence[str], as_of_ms: int
+                         ) -> tuple[list[Snapshot], list[dict[str, float]]]:
+        """Rooms (``room``, ``room_meta`` filled) and authors' counters as of ``as_of_ms``: what ``read`` gives
+        for them, in one read-only script call per ``events_per_call`` entities on a single server (a pipeline
+        costs two client-side commands per entity, ten times what Redis spends; on a Cluster it is ``read``)."""
+        if self.cluster:
+            snaps = await self.read([AsOf("", r, "", as_of_ms) for r in rooms] + [AsOf("", "", a, as_of_ms)
+                                                                                  for a in authors])
+            return snaps[: len(rooms)], [s.author for s in snaps[len(rooms):]]
+        entities = [(Entity.ROOM, r) for r in rooms] + [(Entity.AUTHOR, a) for a in authors]
+        step = self.cfg.events_per_call
+        calls = [([k for ent, ident in entities[lo:lo + step]
+                   for k in (self.key(ent, ident), self.key(ent, ident, ":log"))], [as_of_ms])
+                 for lo in range(0, len(entities), step)]
+        raw = [part for reply in await self._read_many.run_many(calls) for part in reply]
+        room_snaps, author_counters = [], []
+        for k, (ent, _) in enumerate(entities):
+            flat, log = raw[2 * k], raw[2 * k + 1]
+            totals = dict(zip(flat[::2], flat[1::2], strict=True))
+            counters = _as_of_each(totals, list(zip(log[::2], map(float, log[1::2]), strict=True)), {as_of_ms})
+            if ent is Entity.ROOM:
+                meta = {f.decode(): v.decode() for f, v in totals.items() if f.decode() in ROOM_META}
+                room_snaps.append(Snapshot(as_of_ms=as_of_ms, room=counters[as_of_ms], room_meta=meta))
+            else:
+                author_counters.append(counters[as_of_ms])
+        return room_snaps, author_counters
 
     async def read_for_ranking(self, user: str, candidates: Sequence[tuple[str, str]], as_of_ms: int
                                ) -> list[Snapshot]:

@@ -21,8 +21,12 @@ class ScorerConfig:
     device: str = "cpu"
     torch_threads: int | None = None  # None: torch's default
     health_ping_s: float = 1.0  # /healthz pings the state store at most this often (and waits this long)
+    # Requests scored at once: each forward runs on its own thread (torch releases the GIL inside its
+    # kernels), so two concurrent requests use two cores instead of queueing behind one.
+    infer_threads: int = 2
     item_refresh_s: float = 0.5  # the shared room/author snapshot is re-read this often (bound: <= 1 s)
     seq_len: int = 20  # the feature spec's sequence length (must match what the model was trained with)
+    workers: int = 1  # scorer processes sharing the port (SO_REUSEPORT); 1: this process serves, nothing spawned
     state: StateConfig = field(default_factory=StateConfig)
 
     @staticmethod
@@ -32,7 +36,7 @@ class ScorerConfig:
                     port=settings.scorer_port, max_candidates=settings.scorer_max_candidates,
                     max_body_bytes=settings.scorer_max_body_bytes, poll_s=settings.scorer_poll_s,
                     torch_threads=settings.scorer_threads, item_refresh_s=settings.scorer_item_refresh_s,
-                    state=settings.state_config())
+                    workers=settings.scorer_workers, state=settings.state_config())
         base.update({k: v for k, v in overrides.items() if v is not None})
         return ScorerConfig(**base)
 
@@ -41,7 +45,13 @@ class ScorerConfig:
             raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.infer_threads < 1:
+            raise ValueError(f"infer_threads must be >= 1, got {self.infer_threads}")
         if not 0 < self.item_refresh_s <= 1.0:
             raise ValueError(f"item_refresh_s must be in (0, 1] (the staleness bound), got {self.item_refresh_s}")
         if self.poll_s <= 0 or self.health_ping_s <= 0:
             raise ValueError(f"poll_s and health_ping_s must be positive, got {self.poll_s}, {self.health_ping_s}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1 (scorer processes sharing the port), got {self.workers}")
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("workers > 1 needs a fixed port: with port 0 each worker would get a different one")

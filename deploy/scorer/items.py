@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from model.spec import FeatureSpec
-from state.store import AsOf, LiveState, Snapshot
+from state.store import LiveState, Snapshot
 from stream.features import ItemSide, item_side
 
 READ_CHUNK = 500  # entities per pipelined refresh read: a few ms of event-loop time each
@@ -108,20 +108,16 @@ class ItemCache:
                           age_s=self.age_s() if cached else 0.0)
 
     async def _read_into(self, gen: _Generation, rooms: list[str], authors: list[str], as_of_ms: int) -> None:
-        snaps = await self.state.read([AsOf("", room, "", as_of_ms) for room in rooms]
-                                      + [AsOf("", "", author, as_of_ms) for author in authors])
-        for room, snap in zip(rooms, snaps, strict=False):
+        room_snaps, author_counters = await self.state.read_items(rooms, authors, as_of_ms)
+        for room, snap in zip(rooms, room_snaps, strict=True):
             gen.rooms[room] = snap
             gen.categories[room] = snap.room_meta.get("category", "")
-        for author, snap in zip(authors, snaps[len(rooms):], strict=True):
-            gen.authors[author] = snap.author
+        gen.authors.update(zip(authors, author_counters, strict=True))
         # A room's own author (a candidate may leave author_id empty) is needed too.
-        own = [s.room_meta.get("author", "") for s in snaps[: len(rooms)]]
-        extra = [a for a in dict.fromkeys(own) if a and a not in gen.authors]
+        extra = [a for a in dict.fromkeys(s.room_meta.get("author", "") for s in room_snaps)
+                 if a and a not in gen.authors]
         if extra:
-            for author, snap in zip(extra, await self.state.read([AsOf("", "", a, as_of_ms) for a in extra]),
-                                    strict=True):
-                gen.authors[author] = snap.author
+            gen.authors.update(zip(extra, (await self.state.read_items([], extra, as_of_ms))[1], strict=True))
 
     async def refresh(self) -> None:
         """Re-read every room and author used in the last ``idle_s`` seconds, then swap the new snapshot in."""

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,7 @@ from .request import BadRequest, RankRequest, parse_rank_request
 log = logging.getLogger("zenith.scorer")
 
 HOUR_MS = 3_600_000
+GIL_SWITCH_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ class Scorer:
         self._verified: set[int] = set()  # versions whose files verified (walk-back cache)
         self._state, self._own_state = state, state is None
         self._items: ItemCache | None = None
-        self._infer = ThreadPoolExecutor(1, thread_name_prefix="zenith-infer")
+        self._infer = ThreadPoolExecutor(config.infer_threads, thread_name_prefix="zenith-infer")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="zenith-loader")
         self._refresh_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
@@ -431,6 +433,10 @@ def run(config: ScorerConfig, on_swap: Callable[[Serving, Serving | None], None]
     """Serve until interrupted (SIGINT/SIGTERM)."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    # The forward pass is hundreds of small torch ops, each taking the GIL back from the event loop; with
+    # Python's default 5 ms switch interval each hand-back can wait up to 5 ms (a convoy that made the
+    # in-server forward 3x slower than alone). 0.5 ms keeps both threads moving.
+    sys.setswitchinterval(GIL_SWITCH_S)
     scorer = Scorer(config, on_swap=[on_swap] if on_swap else None)
     app = scorer.app()
     if on_ready is not None:
