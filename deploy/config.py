@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     stream_session_timeout_s: float = 10.0  # a dead worker's partitions move to the others after this long
     dedup_horizon_s: float = 300.0  # an event id a user sent within this long is a producer's duplicate
     state_log_bucket_ms: int = 1000  # as-of reads leave out at most this much of the newest history
+    state_prefix: str = "zl:"  # Redis key prefix of the live state (one Redis can hold several deployments)
     redis_cluster: bool | None = None  # REDIS_URL names a Redis Cluster node (None: ask the server)
     stream_metrics_port: int = 9101
     trainer_metrics_port: int = 9102
@@ -52,6 +53,7 @@ class Settings(BaseSettings):
     scorer_poll_s: float = 0.5  # how often a scorer looks for a new (or pinned) model version
     scorer_threads: int | None = None  # torch CPU threads in a scorer (None: torch's default)
     scorer_item_refresh_s: float = 0.5  # a scorer re-reads its shared room/author snapshot this often
+    scorer_workers: int = 1  # scorer processes sharing the port (SO_REUSEPORT); 1: one process, as ever
     registry_dir: Path | None = None  # default: <home>/registry
     # Kafka security, passed to every client (confluent-kafka and Faust/aiokafka).
     kafka_security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
@@ -94,7 +96,8 @@ class Settings(BaseSettings):
                          tls_cert_file=path(self.redis_tls_cert_file), tls_key_file=path(self.redis_tls_key_file))
 
     def state_config(self) -> StateConfig:
-        return StateConfig(auth=self.redis_auth(), log_bucket_ms=self.state_log_bucket_ms, cluster=self.redis_cluster)
+        return StateConfig(prefix=self.state_prefix, auth=self.redis_auth(), log_bucket_ms=self.state_log_bucket_ms,
+                           cluster=self.redis_cluster)
 
     def require_servers(self) -> tuple[str, str]:
         if not self.kafka_bootstrap_servers or not self.redis_url:

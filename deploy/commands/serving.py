@@ -48,6 +48,20 @@ def _verify(registry: Any, version: int, seq_len: int) -> str | None:
     return None
 
 
+def _log_swap(new: Any, old: Any) -> None:
+    """The progress line of each swap (module-level: with --workers N each worker process runs it)."""
+    from deploy.scorer.workers import worker_index
+
+    m = new.manifest
+    src = f"deltas on v{old.version}" if new.how == "delta" and old else \
+        f"loaded from full v{m.base}" + ("" if m.base == m.version else " + deltas")
+    index = worker_index()
+    who = "" if index is None else f"worker {index}: "
+    typer.echo(f"[{datetime.now():%H:%M:%S}] {who}serving v{new.version} ({src}, {1e3 * new.load_s:.0f} ms) · "
+               f"published {_ago(m.created_ms)} ago · data watermark {_clock(m.watermark_ms)} "
+               f"(age {_ago(m.watermark_ms)}) · {m.samples_trained:,} samples", err=True)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
@@ -58,14 +72,22 @@ def register(app: typer.Typer) -> None:
                                                            "the local stack's).")] = None,
         max_candidates: Annotated[int | None, typer.Option(help="Most candidates per request (413 above).")] = None,
         poll_s: Annotated[float | None, typer.Option(help="Registry poll interval, seconds.")] = None,
-        threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+        threads: Annotated[int | None, typer.Option(help="torch CPU threads (per worker; with --workers N the "
+                                                        "default is cores / N).")] = None,
+        workers: Annotated[int | None, typer.Option(
+            "--workers", min=1,
+            help="Scorer processes sharing the port via SO_REUSEPORT (default: ZENITH_SCORER_WORKERS or 1). "
+                 "Each loads and hot-swaps models on its own; the kernel picks a worker per connection, so "
+                 "/healthz, /v1/model and /metrics answer for that worker only (see the X-Zenith-Worker-Pid "
+                 "header, \"worker\" in /v1/model, zenith_scorer_worker_info).")] = None,
         loglevel: Annotated[str, typer.Option(help="Python log level.")] = "info",
     ) -> None:
-        """Run a scoring worker: POST /v1/rank, GET /healthz, /v1/model, /metrics; hot-swaps model versions."""
+        """Run a scoring worker (or --workers N on one port): POST /v1/rank, GET /healthz, /v1/model, /metrics;
+        hot-swaps model versions."""
         import logging
 
         from deploy.config import Settings
-        from deploy.scorer import ScorerConfig, Serving, run
+        from deploy.scorer import ScorerConfig, run_workers
 
         logging.basicConfig(level=loglevel.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -77,22 +99,17 @@ def register(app: typer.Typer) -> None:
             url = ensure_running(settings.home).redis_url
         config = ScorerConfig.from_settings(settings, url, host=host, port=port,
                                             registry_dir=registry, max_candidates=max_candidates, poll_s=poll_s,
-                                            torch_threads=threads)
-
-        def on_swap(new: Serving, old: Serving | None) -> None:
-            m = new.manifest
-            src = f"deltas on v{old.version}" if new.how == "delta" and old else \
-                f"loaded from full v{m.base}" + ("" if m.base == m.version else " + deltas")
-            typer.echo(f"[{datetime.now():%H:%M:%S}] serving v{new.version} ({src}, {1e3 * new.load_s:.0f} ms) · "
-                       f"published {_ago(m.created_ms)} ago · data watermark {_clock(m.watermark_ms)} "
-                       f"(age {_ago(m.watermark_ms)}) · {m.samples_trained:,} samples", err=True)
+                                            torch_threads=threads, workers=workers)
 
         def on_ready() -> None:
-            typer.echo(f"zenith scorer on http://{config.host}:{config.port}  registry {config.registry_dir}  "
+            group = "" if config.workers == 1 else f"  ({config.workers} workers on one port)"
+            typer.echo(f"zenith scorer on http://{config.host}:{config.port}{group}  registry {config.registry_dir}  "
                        f"redis {url}  (polling every {config.poll_s}s; /healthz is 503 until a version loads)",
                        err=True)
 
-        run(config, on_swap=on_swap, on_ready=on_ready)
+        code = run_workers(config, on_swap=_log_swap, on_ready=on_ready)
+        if code:
+            raise typer.Exit(code)
 
     model = typer.Typer(help="Model versions: list, show, pin (serve an older one: rollback), unpin.",
                         no_args_is_help=True)
