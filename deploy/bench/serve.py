@@ -241,7 +241,7 @@ def _wait_healthy(base: str, proc: subprocess.Popen[bytes], log_path: Path, time
 
 
 def run_bench(candidates: list[int], requests: int, max_seconds: float, concurrency: int, swap_every: float,
-              threads: int, arch: str, size: str, forward_reps: int) -> dict[str, Any]:
+              threads: int, arch: str, size: str, forward_reps: int, workers: int = 1) -> dict[str, Any]:
     import torch
 
     from deploy.infra import ephemeral_redis, free_port
@@ -255,7 +255,8 @@ def run_bench(candidates: list[int], requests: int, max_seconds: float, concurre
     spec = default_live_spec()
     result: dict[str, Any] = {
         "bench": "serve", "arch": arch, "size": size, "threads": threads, "concurrency": concurrency,
-        "swap_every_s": swap_every, "cpus": os.cpu_count(), "torch": torch.__version__, "rows": [], "baselines": [],
+        "swap_every_s": swap_every, "workers": workers,
+        "cpus": os.cpu_count(), "torch": torch.__version__, "rows": [], "baselines": [],
     }
     with tempfile.TemporaryDirectory(prefix="zenith-bench-serve-") as tmp, ephemeral_redis(tmp) as redis_url:
         asyncio.run(_seed(redis_url, int(time.time() * 1000)))
@@ -271,7 +272,7 @@ def run_bench(candidates: list[int], requests: int, max_seconds: float, concurre
         env = {**os.environ, "REDIS_URL": redis_url}
         cmd = [sys.executable, "-c", "from deploy.cli import main; main()", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--registry", str(Path(tmp) / "registry"), "--redis-url", redis_url,
-               "--threads", str(threads), "--poll-s", "0.5", "--loglevel", "warning"]
+               "--threads", str(threads), "--poll-s", "0.5", "--workers", str(workers), "--loglevel", "warning"]
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         try:
@@ -298,6 +299,8 @@ def run_bench(candidates: list[int], requests: int, max_seconds: float, concurre
                         pub.join()
                         if pub.error:
                             raise pub.error
+                    if workers > 1:  # /metrics answers for one worker per connection: its diffs mean nothing
+                        row.update(stage_mean_ms={}, cache_hit_rate=float("nan"))
                     row.update(case=case, candidates=n, forward_p50_ms=fw["p50_ms"],
                                published=len(pub.published) if pub else 0,
                                published_full=sum(k == "full" for _, k in pub.published) if pub else 0)
@@ -321,7 +324,8 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = Table(title=f"zenith bench serve: {result['arch']} {result['size']} ({result['dense_params']:,} dense params), "
-                    f"CPU, {result['threads']} torch thread(s), {result['concurrency']} concurrent clients, loopback; "
+                    f"CPU, {result['workers']} worker process(es), {result['threads']} torch thread(s) each, "
+                    f"{result['concurrency']} concurrent clients, loopback; "
                     f"swap case: a new version every {result['swap_every_s']}s")
     cols = ["case", "candidates", "requests", "errors", "p50 ms", "p99 ms", "req/s", "cand/s",
             "p50 / ref fwd", "p99 / ref fwd", "versions served", "cache hit", "read / user / assemble / forward ms",
@@ -368,13 +372,15 @@ def register(bench: typer.Typer) -> None:
         arch: str = typer.Option("zenith", "--arch"),
         size: str = typer.Option("S", "--size"),
         forward_reps: int = typer.Option(30, "--forward-reps", help="repeats of the forward-only baseline"),
+        workers: int = typer.Option(1, "--workers", help="scorer processes sharing the port (zenith serve --workers)"),
         json_path: Path | None = typer.Option(None, "--json", help="write all numbers here"),
     ) -> None:
         """Ranking latency p50/p99 and requests/s for 100/500/1000 candidates, steady and during hot swaps."""
         counts = [int(c) for c in candidates.split(",") if c.strip()]
         if not counts or min(counts) < 1 or max(counts) > 1000:
             raise typer.BadParameter("--candidates must be counts in 1..1000 (the scorer's default limit)")
-        result = run_bench(counts, requests, max_seconds, concurrency, swap_every, threads, arch, size, forward_reps)
+        result = run_bench(counts, requests, max_seconds, concurrency, swap_every, threads, arch, size, forward_reps,
+                           workers)
         print_table(result)
         if json_path:
             json_path.write_text(json.dumps(result, indent=1))
