@@ -554,6 +554,9 @@ def is_cluster(url: str, **kwargs: Any) -> bool:
         client.close()
 
 
+_META_FIELDS = frozenset(m.encode() for m in ROOM_META)
+
+
 def _as_of_each(totals: dict[bytes, bytes], log: list[tuple[bytes, float]], times: set[int]
                 ) -> dict[int, dict[str, float]]:
     """Counters as of each time in ``times``: totals minus the logged increments scored at or after it.
@@ -561,8 +564,7 @@ def _as_of_each(totals: dict[bytes, bytes], log: list[tuple[bytes, float]], time
     One pass over the log from the newest entry down, the times visited newest first, so an entity asked at
     many times costs O(log length + times) rather than their product.
     """
-    base = {k.decode(): float(v) for k, v in totals.items()
-            if not k.startswith(b"pos:") and k.decode() not in ROOM_META}
+    base = {k.decode(): float(v) for k, v in totals.items() if k not in _META_FIELDS and not k.startswith(b"pos:")}
     later: dict[str, float] = {}
     out: dict[int, dict[str, float]] = {}
     entries = reversed(log)  # ZRANGEBYSCORE answers oldest first
@@ -573,9 +575,12 @@ def _as_of_each(totals: dict[bytes, bytes], log: list[tuple[bytes, float]], time
             for name, delta in orjson.loads(member[member.index(b"|") + 1:]).items():
                 later[name] = later.get(name, 0.0) + delta
             pending = next(entries, None)
-        values = {k: v - later.get(k, 0.0) for k, v in base.items()}
-        for k, d in later.items():
-            values.setdefault(k, -d)
+        if later:
+            values = {k: v - later.get(k, 0.0) for k, v in base.items()}
+            for k, d in later.items():
+                values.setdefault(k, -d)
+        else:
+            values = base
         # Float increments (watch seconds) leave 1e-13 residues after subtraction; they are not signal.
         out[t] = {k: round(v, 6) for k, v in values.items()}
     return out

@@ -173,7 +173,7 @@ def test_rooms_come_from_the_shared_snapshot_and_changes_arrive_within_the_bound
         metrics = await (await client.get("/metrics")).text()
         assert 'zenith_scorer_item_cache_lookups_total{result="miss"} 40.0' in metrics
         assert 'zenith_scorer_item_cache_lookups_total{result="hit"} 40.0' in metrics
-        assert 0 <= scorer._items.age_s() < 2 * 0.2
+        assert 0 <= scorer._items.age_s() < scorer._items.bound_ms / 1000
 
         # the stream changes one room; the scorer sees it within the staleness bound, without a miss
         state = LiveState.from_url(redis_url, StateConfig(prefix=h.prefix))

@@ -24,7 +24,7 @@ class ScorerConfig:
     # Requests scored at once: each forward runs on its own thread (torch releases the GIL inside its
     # kernels), so two concurrent requests use two cores instead of queueing behind one.
     infer_threads: int = 2
-    item_refresh_s: float = 0.5  # the shared room/author snapshot is re-read this often (bound: <= 1 s)
+    item_refresh_s: float = 0.8  # the shared room/author snapshot is re-read this often (bound: <= 1 s)
     seq_len: int = 20  # the feature spec's sequence length (must match what the model was trained with)
     workers: int = 1  # scorer processes sharing the port (SO_REUSEPORT); 1: this process serves, nothing spawned
     state: StateConfig = field(default_factory=StateConfig)
@@ -47,8 +47,8 @@ class ScorerConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.infer_threads < 1:
             raise ValueError(f"infer_threads must be >= 1, got {self.infer_threads}")
-        if not 0 < self.item_refresh_s <= 1.0:
-            raise ValueError(f"item_refresh_s must be in (0, 1] (the staleness bound), got {self.item_refresh_s}")
+        if not 0 < self.item_refresh_s < 1.0:
+            raise ValueError(f"item_refresh_s must be in (0, 1): the staleness bound is 1 s; got {self.item_refresh_s}")
         if self.poll_s <= 0 or self.health_ping_s <= 0:
             raise ValueError(f"poll_s and health_ping_s must be positive, got {self.poll_s}, {self.health_ping_s}")
         if self.workers < 1:

@@ -263,25 +263,6 @@ class Scorer:
                    for i in order.tolist()]
         return {"model_version": serving.version, "results": results}
 
-    async def _refresh_items(self) -> None:
-        """Keep the shared room/author snapshot fresh; while Redis is down, requests read for themselves
-        (and answer 503), and the snapshot ages out of use rather than serving stale state."""
-        items, last_error = self._items, ""
-        assert items is not None
-        while True:
-            t0 = time.perf_counter()
-            try:
-                await items.refresh()
-                self.metrics.item_refresh_seconds.observe(time.perf_counter() - t0)
-                last_error = ""
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis down or restarting: retried every interval, logged once
-                if str(exc) != last_error:
-                    log.warning("room/author cache refresh failed: %s (retrying every %.1fs)", exc, items.refresh_s)
-                    last_error = str(exc)
-            await asyncio.sleep(max(items.refresh_s - (time.perf_counter() - t0), 0.0))
-
     # ---- HTTP ---------------------------------------------------------------------------------------------------
     @staticmethod
     def _json(obj: Any, status: int = 200) -> web.Response:
@@ -399,15 +380,17 @@ class Scorer:
     async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
         if self._state is None:
             self._state = LiveState.from_url(self.config.redis_url, self.config.state)
-        self._items = ItemCache(self._state, self.spec, refresh_s=self.config.item_refresh_s)
+        self._items = ItemCache(self._state, self.spec, refresh_s=self.config.item_refresh_s,
+                                on_refresh=self.metrics.item_refresh_seconds.observe)
         self.metrics.item_cache_age.set_function(self._items.age_s)
+        config = self._state.cfg
+        self._items.start(lambda: LiveState.from_url(self.config.redis_url, config))
         self._watcher = asyncio.create_task(self._watch(), name="zenith-model-watcher")
-        refresher = asyncio.create_task(self._refresh_items(), name="zenith-item-cache")
         yield
-        for task in (self._watcher, refresher):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watcher
+        await asyncio.get_running_loop().run_in_executor(None, self._items.stop)
         if self._own_state and self._state is not None:
             await self._state.aclose()
             self._state = None
