@@ -85,6 +85,9 @@ def _stage_sums(metrics_text: str) -> dict[str, tuple[float, float]]:
     for m in re.finditer(r'^zenith_scorer_item_cache_lookups_total\{result="(\w+)"\} ([0-9.e+-]+)$', metrics_text,
                          re.MULTILINE):
         out[f"cache_{m.group(1)}"] = [float(m.group(2)), 0.0]
+    for m in re.finditer(r'^zenith_scorer_request_seconds_bucket\{le="([0-9.e+inf-]+)"\} ([0-9.e+-]+)$', metrics_text,
+                         re.MULTILINE):
+        out[f"le_{m.group(1)}"] = [float(m.group(2)), 0.0]
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
@@ -135,15 +138,21 @@ async def _load(base: str, n: int, requests: int, max_s: float, concurrency: int
     stages = {}
     for stage, (s1, c1) in after.items():
         s0, c0 = before.get(stage, (0.0, 0.0))
-        if not stage.startswith("cache_"):
+        if not stage.startswith(("cache_", "le_")):
             stages[stage] = 1e3 * (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan")
     hits, misses = (after.get(k, (0.0, 0.0))[0] - before.get(k, (0.0, 0.0))[0] for k in ("cache_hit", "cache_miss"))
+    # The scorer's own view (parse to response, from its histogram): what the client adds is queueing and HTTP.
+    buckets = sorted((float(k[3:]), after[k][0] - before.get(k, (0.0, 0.0))[0]) for k in after if k.startswith("le_"))
+    server = {f"server_p{int(q * 100)}_le_ms": 1e3 * next((le for le, c in buckets if c >= q * buckets[-1][1]),
+                                                         float("nan")) if buckets and buckets[-1][1] else float("nan")
+              for q in (0.5, 0.99)}
     cache_hit_rate = hits / (hits + misses) if hits + misses else float("nan")
     return {"requests": len(latencies), "errors": errors, "wall_s": wall,
             "p50_ms": 1e3 * _pct(latencies, 0.5), "p99_ms": 1e3 * _pct(latencies, 0.99),
             "mean_ms": 1e3 * statistics.fmean(latencies) if latencies else float("nan"),
             "req_per_s": len(latencies) / wall if wall > 0 else float("nan"),
-            "versions_seen": sorted(set(versions)), "stage_mean_ms": stages, "cache_hit_rate": cache_hit_rate}
+            "versions_seen": sorted(set(versions)), "stage_mean_ms": stages, "cache_hit_rate": cache_hit_rate,
+            **server}
 
 
 async def _healthz(base: str, requests: int, concurrency: int) -> dict[str, Any]:
@@ -167,32 +176,38 @@ async def _healthz(base: str, requests: int, concurrency: int) -> dict[str, Any]
 
 def _forward_only(model: Any, spec: Any, n: int, reps: int) -> dict[str, Any]:
     """The model alone on one user's ``n`` candidates, in this process: the reference (today's forward, as the
-    trainer runs it: every row carries the user's sequences) and the scorer's (the sequences given once),
-    interleaved so both see the same machine; plus FLOPs counted by torch for each."""
+    trainer runs it: eager, every row carrying the user's sequences) and the scorer's (``build_forward``:
+    TorchScript, the sequences given once), interleaved so both see the same machine; FLOPs counted by torch
+    (on the eager graph of each input layout; TorchScript runs the same arithmetic)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from deploy.bench.model_speed import one_user_candidates
     from model.batch import Batch
+    from model.serving import ForwardKind, build_forward
 
     per_row = Batch.from_arrays(one_user_candidates(spec, n))
-    shared = Batch(per_row.ids, per_row.seqs[:1], per_row.dense, per_row.labels, per_row.user)
     model.eval()
-    times: dict[str, list[float]] = {"reference": [], "optimised": []}
+    optimised = build_forward(model, ForwardKind.TORCHSCRIPT)
+    eager = build_forward(model, ForwardKind.EAGER).fn
+    inputs = {"reference": (eager, (per_row.ids, per_row.seqs, per_row.dense)),
+              "optimised": (optimised.fn, (per_row.ids, per_row.seqs[:1].contiguous(), per_row.dense))}
+    times: dict[str, list[float]] = {case: [] for case in inputs}
     flops = {}
     with torch.inference_mode():
-        for case, batch in (("reference", per_row), ("optimised", shared)):
+        for case, (_, args) in inputs.items():
             with FlopCounterMode(display=False) as counter:
-                model(batch)
+                eager(*args)
             flops[case] = counter.get_total_flops()
         for i in range(reps + 3):
-            for case, batch in (("reference", per_row), ("optimised", shared)):
+            for case, (fn, args) in inputs.items():
                 t0 = time.perf_counter()
-                torch.sigmoid(model(batch)[0])
+                torch.sigmoid(fn(*args))
                 if i >= 3:
                     times[case].append(time.perf_counter() - t0)
     model.train()
-    return {case: {"p50_ms": 1e3 * _pct(t, 0.5), "p99_ms": 1e3 * _pct(t, 0.99), "flops": flops[case]}
+    return {case: {"p50_ms": 1e3 * _pct(t, 0.5), "p99_ms": 1e3 * _pct(t, 0.99), "flops": flops[case],
+                   "forward": optimised.kind.value if case == "optimised" else "eager"}
             for case, t in times.items()}
 
 
@@ -285,7 +300,8 @@ def run_bench(candidates: list[int], requests: int, max_seconds: float, concurre
                 fw = _forward_only(model, spec, n, forward_reps)
                 result["baselines"].append({"case": "reference forward (in-process, per-row batch)", "candidates": n,
                                             **fw["reference"]})
-                result["baselines"].append({"case": "optimised forward (in-process, user's sequences once)",
+                result["baselines"].append({"case": "optimised forward (in-process: TorchScript, user's sequences "
+                                                    "once)",
                                             "candidates": n, **fw["optimised"],
                                             "speedup": fw["reference"]["p50_ms"] / fw["optimised"]["p50_ms"]})
                 fw = fw["reference"]

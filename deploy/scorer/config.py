@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.serving import ForwardKind
 from state.store import StateConfig
 
 
@@ -24,7 +25,8 @@ class ScorerConfig:
     # Requests scored at once: each forward runs on its own thread (torch releases the GIL inside its
     # kernels), so two concurrent requests use two cores instead of queueing behind one.
     infer_threads: int = 2
-    item_refresh_s: float = 0.8  # the shared room/author snapshot is re-read this often (bound: <= 1 s)
+    forward: ForwardKind = ForwardKind.TORCHSCRIPT  # model/serving.py: what it is, what it costs
+    item_refresh_s: float = 0.5  # the shared room/author snapshot is re-read this often (bound: <= 1 s)
     seq_len: int = 20  # the feature spec's sequence length (must match what the model was trained with)
     workers: int = 1  # scorer processes sharing the port (SO_REUSEPORT); 1: this process serves, nothing spawned
     state: StateConfig = field(default_factory=StateConfig)
@@ -36,6 +38,7 @@ class ScorerConfig:
                     port=settings.scorer_port, max_candidates=settings.scorer_max_candidates,
                     max_body_bytes=settings.scorer_max_body_bytes, poll_s=settings.scorer_poll_s,
                     torch_threads=settings.scorer_threads, item_refresh_s=settings.scorer_item_refresh_s,
+                    forward=_forward_kind(settings.scorer_forward),
                     workers=settings.scorer_workers, state=settings.state_config())
         base.update({k: v for k, v in overrides.items() if v is not None})
         return ScorerConfig(**base)
@@ -55,3 +58,10 @@ class ScorerConfig:
             raise ValueError(f"workers must be >= 1 (scorer processes sharing the port), got {self.workers}")
         if self.workers > 1 and self.port == 0:
             raise ValueError("workers > 1 needs a fixed port: with port 0 each worker would get a different one")
+
+
+def _forward_kind(value: str) -> ForwardKind:
+    try:
+        return ForwardKind(value)
+    except ValueError:
+        raise ValueError(f"ZENITH_SCORER_FORWARD={value!r}: use one of {[k.value for k in ForwardKind]}") from None

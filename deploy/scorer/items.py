@@ -10,8 +10,9 @@ request then reads only its user from Redis; a room or author seen for the first
 request's own round trip and joins the cache.
 
 Staleness: a cached snapshot is the state as of its last refresh, so a request sees room/author counters
-``refresh_s`` (0.8 s) plus one refresh's duration old at most, and never older than ``bound_ms`` (1 s): past
-that (Redis slow or down, the refresher behind) requests read their candidates themselves.
+``refresh_s`` (0.5 s) plus one refresh's duration old at most, and never older than ``bound_ms`` (1 s): past
+that (Redis slow or down, the refresher behind) requests read their candidates themselves, which is slow
+(all of a request's rooms parsed on the event loop), so the interval leaves a refresh half a second to land.
 ``zenith_scorer_item_cache_age_seconds`` exports the snapshot's age. Why a periodic
 re-read rather than the stream pushing changes (pub/sub, keyspace notifications, a compacted topic): at
 live-streaming rates nearly every live room changes every second, so a push would carry about as much as a

@@ -50,6 +50,10 @@ class ScorerMetrics:
         self.item_refresh_seconds = Histogram(
             "zenith_scorer_item_cache_refresh_seconds", "Time to re-read every cached room and author",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
+        self.forward_fallbacks = Counter(
+            "zenith_scorer_forward_fallbacks_total",
+            "Versions served with the eager forward because the configured one failed to build or to match",
+            registry=r)
         self.data_age = Gauge("zenith_scorer_model_data_age_seconds",
                               "Now minus the data watermark (newest event time) of the served version", registry=r)
         self.published_to_served = Histogram(

@@ -30,7 +30,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +48,6 @@ from redis.exceptions import BusyLoadingError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from model.batch import Batch
 from model.ranker import Ranker, combined_score
 from model.registry import (
     CorruptVersion,
@@ -59,9 +60,11 @@ from model.registry import (
     load_version,
     newest_verifiable,
 )
+from model.serving import ForwardBuilder, RankingForward
 from model.spec import FeatureSpec
 from state.store import AsOf, LiveState, Snapshot
 from stream.features import ItemSide, RequestContext, assemble_batch, default_live_spec, user_side
+from stream.worker import tune_gc
 
 from .config import ScorerConfig
 from .items import ItemCache
@@ -72,6 +75,7 @@ log = logging.getLogger("zenith.scorer")
 
 HOUR_MS = 3_600_000
 GIL_SWITCH_S = 0.0005
+LOADER_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,8 @@ class Serving:
     manifest: Manifest
     served_at: float  # wall time (s) it started serving
     how: str  # "full" (built from the chain) or "delta" (applied to a copy of the previous model)
-    load_s: float
+    load_s: float  # load, verify, and build the ranking forward
+    forward: RankingForward  # what scores a request (model/serving.py)
 
 
 # ---- the scorer ----------------------------------------------------------------------------------------------------
@@ -109,8 +114,11 @@ class Scorer:
         self._verified: set[int] = set()  # versions whose files verified (walk-back cache)
         self._state, self._own_state = state, state is None
         self._items: ItemCache | None = None
+        self._forwards = ForwardBuilder(config.forward)  # used by the loader thread only
         self._infer = ThreadPoolExecutor(config.infer_threads, thread_name_prefix="zenith-infer")
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="zenith-loader")
+        # Loading a version (files, checksums, a model copy, its TorchScript build) is background work that
+        # must not take the CPU from requests when cores are busy: the loader thread runs at a lower priority.
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="zenith-loader", initializer=_lower_priority)
         self._refresh_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self._last_error = ""
@@ -122,8 +130,9 @@ class Scorer:
         s = self.serving
         return max(time.time() - s.manifest.watermark_ms / 1000, 0.0) if s else math.nan
 
-    def _build(self, version: int, current: Serving | None) -> tuple[Ranker, Manifest, str, float]:
-        """Loader thread: the model of ``version``, verified; never touches ``current.model`` itself."""
+    def _build(self, version: int, current: Serving | None) -> tuple[Ranker, Manifest, str, float, RankingForward]:
+        """Loader thread: the model of ``version``, verified, and its ranking forward; never touches
+        ``current.model`` itself."""
         t0 = time.perf_counter()
         if current is None:
             model, manifest = load_version(self.registry, version, self.spec, self.device)
@@ -134,7 +143,12 @@ class Scorer:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)  # serving never trains; also makes forward skip autograd bookkeeping
-        return model, manifest, how, time.perf_counter() - t0
+        forward = self._forwards.build(model)
+        if forward.fallback:
+            self.metrics.forward_fallbacks.inc()
+            log.warning("version %s: serving the eager forward (%s failed: %s)", version, self.config.forward.value,
+                        forward.fallback)
+        return model, manifest, how, time.perf_counter() - t0, forward
 
     def _on_chain(self, version: int, held: int) -> bool:
         try:
@@ -161,7 +175,8 @@ class Scorer:
             if target is None or target in self.refused or (current is not None and current.version == target):
                 return None
             try:
-                model, manifest, how, load_s = await loop.run_in_executor(self._loader, self._build, target, current)
+                model, manifest, how, load_s, forward = await loop.run_in_executor(
+                    self._loader, self._build, target, current)
             except CorruptVersion as exc:
                 if target not in await loop.run_in_executor(self._loader, self.registry.list_versions):
                     log.info("version %s vanished while loading (pruned?): %s", target, exc.reason)
@@ -173,8 +188,10 @@ class Scorer:
                 log.info("%s", exc)
                 return None
             serving = Serving(version=manifest.version, model=model, manifest=manifest, served_at=time.time(),
-                              how=how, load_s=load_s)
+                              how=how, load_s=load_s, forward=forward)
             self.serving = serving  # the swap: one reference assignment; in-flight requests keep theirs
+            if current is None:
+                tune_gc()  # start-up is done: imports, the first model
             m = self.metrics
             m.model_version.set(serving.version)
             m.load_seconds.labels(how).observe(load_s)
@@ -224,12 +241,11 @@ class Scorer:
         ctx = RequestContext(user=req.user_id, ts_ms=ts_ms, hour=hour, device=req.device, tab=req.tab)
         features = assemble_batch(self.spec, ctx, user, items)
         t2 = time.perf_counter()
-        n, dev = len(features), self.device
+        dev = self.device
         with torch.inference_mode():
-            batch = Batch(torch.from_numpy(features.ids).to(dev), torch.from_numpy(features.seqs)[None].to(dev),
-                          torch.from_numpy(features.dense).to(dev), labels=torch.empty(n, 0, device=dev),
-                          user=torch.empty(n, dtype=torch.long, device=dev))
-            probs = torch.sigmoid(serving.model(batch)[0])
+            probs = torch.sigmoid(serving.forward.fn(torch.from_numpy(features.ids).to(dev),
+                                                     torch.from_numpy(features.seqs)[None].to(dev),
+                                                     torch.from_numpy(features.dense).to(dev)))
             score = combined_score(probs, self.spec)
             probs_np, score_np = probs.cpu().numpy(), score.cpu().numpy()
         return probs_np, score_np, {"user": t1 - t0, "assemble": t2 - t1, "forward": time.perf_counter() - t2}
@@ -346,7 +362,9 @@ class Scorer:
             pinned = f"unreadable: {exc}"
         return self._json({
             "model_version": s.version, "kind": m.kind.value, "parent": m.parent, "base": m.base,
-            "loaded_as": s.how, "load_s": round(s.load_s, 4), "created_ms": m.created_ms,
+            "loaded_as": s.how, "load_s": round(s.load_s, 4), "forward": s.forward.kind.value,
+            "forward_build_s": round(s.forward.build_s, 4), "forward_fallback": s.forward.fallback or None,
+            "created_ms": m.created_ms,
             "watermark_ms": m.watermark_ms, "served_at_ms": int(s.served_at * 1000),
             "data_age_s": round(self._data_age(), 3), "samples_trained": m.samples_trained,
             "arch": m.config.arch.value, "size": m.config.size.value, "pinned": pinned,
@@ -409,6 +427,12 @@ class Scorer:
     async def _shutdown_pools(self, app: web.Application) -> None:
         self._infer.shutdown(wait=False, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _lower_priority() -> None:
+    """Nice the calling thread (Linux schedules threads individually; elsewhere this is a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
 
 
 def run(config: ScorerConfig, on_swap: Callable[[Serving, Serving | None], None] | None = None,
