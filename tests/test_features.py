@@ -3,6 +3,7 @@ with the user's sequences given once gives the per-row forward's scores, for eve
 
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -102,3 +103,32 @@ def test_sequences_given_once_score_like_sequences_per_row(arch: Arch) -> None:
         per_row = model(Batch(ids, seqs.expand(n, -1, -1).contiguous(), dense, *empty))[0]
         shared = model(Batch(ids, seqs, dense, *empty))[0]
     torch.testing.assert_close(shared, per_row, rtol=1e-5, atol=1e-5)
+
+
+def test_the_torchscript_forward_matches_eager_across_versions_and_batch_sizes() -> None:
+    from model.serving import ForwardBuilder, ForwardKind, probe_inputs
+
+    torch.manual_seed(0)
+    v1 = build_model(SPEC, preset("zenith", "S", SPEC, emb_buckets=4096), "cpu").eval()
+    v2 = copy.deepcopy(v1)  # the next version: every weight moved (what deltas + dense weights do)
+    with torch.no_grad():
+        for p in v2.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    builder = ForwardBuilder(ForwardKind.TORCHSCRIPT)
+    f1, f2 = builder.build(v1), builder.build(v2)  # v2 re-binds its weights into v1's trace
+    assert (f1.kind, f2.kind) == (ForwardKind.TORCHSCRIPT, ForwardKind.TORCHSCRIPT), (f1.fallback, f2.fallback)
+    eager1, eager2 = ForwardBuilder(ForwardKind.EAGER).build(v1), ForwardBuilder(ForwardKind.EAGER).build(v2)
+    with torch.inference_mode():
+        for n in (1, 7, 500):
+            x = probe_inputs(v1, n, seed=n)
+            torch.testing.assert_close(f2.fn(*x), eager2.fn(*x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(f1.fn(*x), eager1.fn(*x), rtol=1e-5, atol=1e-5)  # v1 untouched by v2
+            assert (eager1.fn(*x) - eager2.fn(*x)).abs().max() > 1e-3  # the versions really differ
+
+
+def test_a_forward_that_does_not_match_is_served_eager() -> None:
+    from model.serving import ForwardBuilder, ForwardKind
+
+    model = build_model(SPEC, preset("zenith", "S", SPEC, emb_buckets=4096), "cpu").eval()
+    built = ForwardBuilder(ForwardKind.TORCHSCRIPT, tolerance=-1.0).build(model)  # nothing can match
+    assert built.kind is ForwardKind.EAGER and "differs from eager" in built.fallback

@@ -10,10 +10,14 @@ process on a free port. Then, per candidate count (100/500/1000 by default) and 
   scorer loads deltas (and a periodic full) and swaps them in while serving.
 
 Each cell runs ``--requests`` requests or ``--max-seconds``, whichever comes first, and reports p50/p99
-latency as the client sees it, requests/s, failed requests, the model versions seen, and the scorer's
-own mean stage times (Redis read, feature assembly, forward pass) from its /metrics. In-run baselines,
-so the numbers read as ratios: an empty ``GET /healthz`` round trip (HTTP + event loop floor), and the
-model's forward pass alone on the same batch size in this process (the compute floor).
+latency as the client sees it (and the scorer's own, from its histogram's buckets), requests/s, failed
+requests, the model versions seen, the shared room/author cache's hit rate, and the scorer's mean stage
+times from its /metrics: read (the user from Redis, cache misses), user (the user's part, once), assemble
+(every candidate's features), forward. In-run baselines, so the numbers read as ratios: an empty
+``GET /healthz`` round trip (HTTP + event loop floor), and the model alone on one user's candidates in this
+process, interleaved: the reference (today's eager forward, every row carrying the user's sequences, as
+the trainer runs it) and the scorer's optimised forward (``model/serving.py``). The load generator shares
+the machine with the scorer: on few cores the latencies include its CPU.
 """
 
 from __future__ import annotations
@@ -206,7 +210,9 @@ def _forward_only(model: Any, spec: Any, n: int, reps: int) -> dict[str, Any]:
                 if i >= 3:
                     times[case].append(time.perf_counter() - t0)
     model.train()
+    seq_items = {case: args[1].numel() for case, (_, args) in inputs.items()}  # sequence ids embedded per request
     return {case: {"p50_ms": 1e3 * _pct(t, 0.5), "p99_ms": 1e3 * _pct(t, 0.99), "flops": flops[case],
+                   "seq_items_embedded": seq_items[case],
                    "forward": optimised.kind.value if case == "optimised" else "eager"}
             for case, t in times.items()}
 
@@ -356,7 +362,8 @@ def print_table(result: dict[str, Any]) -> None:
         ref = next(b for b in result["baselines"] if b["candidates"] == n and b["case"].startswith("reference"))
         for b in result["baselines"]:
             if b["candidates"] == n:
-                note = f"{b['flops'] / 1e6:,.0f} MFLOP" + (f"; {b['speedup']:.2f}x faster" if "speedup" in b else "")
+                note = (f"{b['flops'] / 1e6:,.0f} MFLOP, {b['seq_items_embedded']:,} seq ids embedded"
+                        + (f"; {b['speedup']:.2f}x faster" if "speedup" in b else ""))
                 t.add_row(f"[dim]baseline: {b['case']}[/]", str(n), "-", "-", f"{b['p50_ms']:.2f}",
                           f"{b['p99_ms']:.2f}", "-", f"{n / (b['p50_ms'] / 1e3):,.0f}",
                           f"{b['p50_ms'] / ref['p50_ms']:.2f}x", f"{b['p99_ms'] / ref['p50_ms']:.2f}x", note,
