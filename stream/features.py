@@ -27,7 +27,7 @@ from model.spec import FeatureSpec, default_live_spec
 from state.store import Snapshot
 
 __all__ = ["Candidate", "FeatureBatch", "FeatureRow", "ItemSide", "RequestContext", "UserSide", "assemble",
-           "assemble_batch", "default_live_spec", "hash_id", "item_side", "user_side"]
+           "assemble_batch", "assemble_many", "default_live_spec", "hash_id", "item_side", "user_side"]
 
 NEVER_WATCHED_MIN = 7 * 24 * 60.0  # "last watched this author" for a never-watched author: a week ago
 # Bayesian average (pseudo-enters, pseudo-impressions): a prior rate of 0.2 worth 5 impressions. With a
@@ -69,11 +69,29 @@ def hash_id(namespace: str, value: str) -> int:
 
 
 def assemble(spec: FeatureSpec, c: Candidate, s: Snapshot) -> FeatureRow:
-    """One candidate's features: ``assemble_batch`` over a batch of one (the stream's training samples)."""
-    ctx = RequestContext(user=c.user, ts_ms=c.ts_ms, hour=c.hour, device=c.device, tab=c.tab)
-    batch = assemble_batch(spec, ctx, user_side(spec, c.user, s), [item_side(spec, c.room, c.author, c.category, s)],
-                           positions=np.array([c.position]))
-    return batch.row(0)
+    """One candidate's features (``assemble_many`` of one)."""
+    return assemble_many(spec, [c], [s])[0]
+
+
+def assemble_many(spec: FeatureSpec, candidates: Sequence[Candidate], snapshots: Sequence[Snapshot]
+                  ) -> list[FeatureRow]:
+    """Each candidate's features from its own snapshot (the stream's training samples), through
+    ``assemble_batch``: candidates shown to one user at one time in one context (a feed request's
+    impressions) share the user's part, computed once for them."""
+    groups: dict[tuple[str, int, int, str, str], list[int]] = {}
+    for k, c in enumerate(candidates):
+        groups.setdefault((c.user, c.ts_ms, c.hour, c.device, c.tab), []).append(k)
+    rows: list[FeatureRow] = [None] * len(candidates)  # type: ignore[list-item]
+    for (user, ts_ms, hour, device, tab), at in groups.items():
+        # read() answers one (user, time) with one user dict and history: the first snapshot speaks for all
+        side = user_side(spec, user, snapshots[at[0]])
+        items = [item_side(spec, candidates[k].room, candidates[k].author, candidates[k].category, snapshots[k])
+                 for k in at]
+        batch = assemble_batch(spec, RequestContext(user, ts_ms, hour, device, tab), side, items,
+                               positions=np.array([candidates[k].position for k in at]))
+        for j, k in enumerate(at):
+            rows[k] = batch.row(j)
+    return rows
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from model.spec import FeatureSpec
 from state.store import UNPOSITIONED, AsOf, Change, LiveState, Position
 from stream import metrics
 from stream.events import EngagementKind, Event, Impression, LiveAction, LiveEvent
-from stream.features import Candidate, assemble
+from stream.features import Candidate, assemble_many
 from stream.join import Attribution, HeldEngagement, LabelJoiner, PendingImpression
 from stream.join_store import JoinFenced, JoinStore
 from stream.samples import Labels, SampleCodec
@@ -268,8 +268,8 @@ class StreamProcessor:
         metrics.REDIS_LATENCY.labels("read").observe(time.perf_counter() - t0)
         now_ms = int(time.time() * 1000)
         samples = []
-        for (_, user, p, labels), snap in zip(due.items, snaps, strict=True):
-            row = assemble(self.spec, p.candidate, snap)
+        rows = assemble_many(self.spec, [p.candidate for _, _, p, _ in due.items], snaps)
+        for (_, user, p, labels), row in zip(due.items, rows, strict=True):
             value = self.codec.encode(p.impression_id, row, labels, event_ms=p.ts_ms, emitted_ms=now_ms)
             samples.append(OutgoingSample(user.encode(), value, p.impression_id, p.ts_ms, labels.entered))
         return samples

@@ -132,3 +132,22 @@ def test_a_forward_that_does_not_match_is_served_eager() -> None:
     model = build_model(SPEC, preset("zenith", "S", SPEC, emb_buckets=4096), "cpu").eval()
     built = ForwardBuilder(ForwardKind.TORCHSCRIPT, tolerance=-1.0).build(model)  # nothing can match
     assert built.kind is ForwardKind.EAGER and "differs from eager" in built.fallback
+
+
+def test_assemble_many_groups_a_feed_request_and_equals_row_by_row() -> None:
+    from stream.features import assemble_many
+
+    rng = random.Random(9)
+    users = {u: _user_snapshot(rng) for u in ("u1", "u2")}
+    cands, snaps = [], []
+    for k in range(40):  # feed requests of a few impressions each, interleaved across users and times
+        user, ts = rng.choice(["u1", "u2"]), TS + 1000 * rng.randrange(3)
+        room = rng.randrange(12)
+        r = _room_snapshot(rng, room)
+        cands.append(Candidate(user, f"r{room}", "", "", ts, 20, "ios", "live", k % 6))
+        snaps.append(Snapshot(as_of_ms=ts, user=users[user].user, history=users[user].history, room=r.room,
+                              room_meta=r.room_meta, author=r.author))
+    for got, c, s in zip(assemble_many(SPEC, cands, snaps), cands, snaps, strict=True):
+        want = assemble(SPEC, c, s)
+        for field in ("ids", "seqs", "dense"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
