@@ -31,7 +31,6 @@ import contextlib
 import logging
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -74,7 +73,6 @@ from .request import BadRequest, RankRequest, parse_rank_request
 log = logging.getLogger("zenith.scorer")
 
 HOUR_MS = 3_600_000
-GIL_SWITCH_S = 0.0005
 LOADER_NICE = 10
 
 
@@ -435,20 +433,25 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
 
 
-def run(config: ScorerConfig, on_swap: Callable[[Serving, Serving | None], None] | None = None,
-        on_ready: Callable[[], None] | None = None) -> None:
-    """Serve until interrupted (SIGINT/SIGTERM)."""
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    # The forward pass is hundreds of small torch ops, each taking the GIL back from the event loop; with
-    # Python's default 5 ms switch interval each hand-back can wait up to 5 ms (a convoy that made the
-    # in-server forward 3x slower than alone). 0.5 ms keeps both threads moving.
-    sys.setswitchinterval(GIL_SWITCH_S)
+def build_app(config: ScorerConfig, on_swap: Callable[[Serving, Serving | None], None] | None = None,
+              on_ready: Callable[[], None] | None = None, torch_threads: int | None = None
+              ) -> tuple[web.Application, Scorer]:
+    """The process-wide set-up a scoring process needs, then its app (``run`` serves it; so does a worker
+    of ``zenith serve --workers N`` on its own socket)."""
+    threads = torch_threads or config.torch_threads
+    if threads:
+        torch.set_num_threads(threads)
     scorer = Scorer(config, on_swap=[on_swap] if on_swap else None)
     app = scorer.app()
     if on_ready is not None:
         async def _ready(_: web.Application) -> None:
             on_ready()
         app.on_startup.append(_ready)
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None,
-                handle_signals=True)
+    return app, scorer
+
+
+def run(config: ScorerConfig, on_swap: Callable[[Serving, Serving | None], None] | None = None,
+        on_ready: Callable[[], None] | None = None) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM)."""
+    app, _ = build_app(config, on_swap, on_ready)
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None, handle_signals=True)

@@ -43,7 +43,7 @@ import orjson
 from aiohttp import web
 
 from .config import ScorerConfig
-from .service import GIL_SWITCH_S, Scorer, Serving, run
+from .service import Scorer, Serving, build_app, run
 
 log = logging.getLogger("zenith.scorer.workers")
 
@@ -220,21 +220,13 @@ def _worker_main(config: ScorerConfig, index: int, on_swap: Callable[[Serving, S
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
         sys.exit(2)
 
-    import torch
-
-    # What service.run does before serving (keep in step with it), then the app on this worker's own socket.
-    threads = config.torch_threads or max(1, (os.cpu_count() or 1) // config.workers)
-    torch.set_num_threads(threads)
-    sys.setswitchinterval(GIL_SWITCH_S)
-    scorer = Scorer(config, on_swap=[on_swap] if on_swap else None)
-    app = scorer.app()
-    _label(app, scorer, index, config.workers, pid)
-
-    async def _ready(_: web.Application) -> None:
+    def _ready() -> None:
         ready.send(index)
         ready.close()
 
-    app.on_startup.append(_ready)
+    threads = config.torch_threads or max(1, (os.cpu_count() or 1) // config.workers)
+    app, scorer = build_app(config, on_swap, _ready, torch_threads=threads)
+    _label(app, scorer, index, config.workers, pid)
     log.info("listening on %s:%s (SO_REUSEPORT), %d torch threads", config.host, config.port, threads)
     web.run_app(app, sock=socks, print=None, access_log=None, handle_signals=True)
 
