@@ -8,7 +8,7 @@ dense [B, n_dense]) -> logits [B, n_tasks]``:
   inference by TorchScript. It runs as one C++ call that releases the GIL, so the hundreds of small ops of a
   ranking forward do not take turns with the event loop and with each other: two requests scored at once
   really use two cores. Measured on the 2-core development machine, Zenith S, 500 candidates, 1 torch thread:
-  about 1.7x faster alone than the eager reference, and 1.65x the throughput of eager with two threads (see
+  1.6-1.7x faster alone than the eager reference, and 1.65x the throughput of eager with two threads (see
   the README's serving table). The first version of a configuration is traced (0.2-0.5 s); later versions
   re-bind their weights into that trace and freeze it again (about 0.06 s), on the loader thread.
   TorchScript is deprecated upstream in favour of ``torch.compile``/``torch.export``; on this CPU
