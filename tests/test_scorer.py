@@ -49,9 +49,9 @@ def _publish(writer: VersionWriter, learner: OnlineLearner, step: int | None = N
                           offsets={"samples:0": learner.samples}, samples_trained=learner.samples, **kw)
 
 
-async def _seed(state: LiveState) -> None:
-    """Rooms, authors and two users with history, all before NOW_MS."""
-    t, writes = NOW_MS - 3_600_000, []
+async def seed_state(state: LiveState, now_ms: int = NOW_MS) -> None:
+    """Rooms, authors and two users with history, all in the hour before ``now_ms``."""
+    t, writes = now_ms - 3_600_000, []
     for i, (room, author, cat) in enumerate(ROOMS):
         writes.append(state.start_room(t + i, room, author, cat, f"title {i}"))
     for j, (room, author, _) in enumerate(ROOMS[:25]):
@@ -78,7 +78,7 @@ class Harness:
     async def run(self, body: Callable[[Scorer, TestClient], Awaitable[None]]) -> None:
         state = LiveState.from_url(self.redis_url, StateConfig(prefix=self.prefix))
         try:
-            await _seed(state)
+            await seed_state(state)
             scorer = Scorer(self.config)
             async with TestServer(scorer.app()) as server, TestClient(server) as client:
                 await body(scorer, client)

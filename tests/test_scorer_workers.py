@@ -27,11 +27,11 @@ from model.registry import LocalDirRegistry, VersionWriter
 from model.spec import default_live_spec
 from model.synthetic import SynthConfig, make_synthetic
 from state.store import LiveState, StateConfig
+from tests.test_scorer import ROOMS, seed_state
 
 torch.set_num_threads(1)  # two cores: leave the other to the workers
 SPEC = default_live_spec()
 DATA = make_synthetic(SPEC, 1024, seed=5, config=SynthConfig(n_users=40, n_authors=30)).arrays
-ROOMS = [(f"r{i}", f"a{i % 7}", f"c{i % 4}") for i in range(40)]
 
 
 def _learner() -> OnlineLearner:
@@ -48,19 +48,9 @@ def _publish(writer: VersionWriter, learner: OnlineLearner, step: int | None = N
 
 
 async def _seed(redis_url: str, prefix: str) -> None:
-    """Rooms, authors and two users with history in the last hour."""
     state = LiveState.from_url(redis_url, StateConfig(prefix=prefix))
-    t, writes = int(time.time() * 1000) - 3_600_000, []
-    for i, (room, author, cat) in enumerate(ROOMS):
-        writes.append(state.start_room(t + i, room, author, cat, f"title {i}"))
-    for j, (room, author, _) in enumerate(ROOMS[:25]):
-        for user in ("u1", "u2") if j % 2 else ("u1",):
-            ts = t + 60_000 + 1000 * j
-            writes.append(state.record_impression(ts, user, room, author, ""))
-            writes.append(state.record_enter(f"e{j}{user}", ts + 100, user, room, author))
-            writes.append(state.record_watch(f"w{j}{user}", ts + 200, user, room, author, 10.0 + j))
     try:
-        await state.apply(writes)
+        await seed_state(state, now_ms=int(time.time() * 1000))
     finally:
         await state.aclose()
 

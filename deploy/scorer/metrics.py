@@ -46,7 +46,7 @@ class ScorerMetrics:
             ["result"], registry=r)
         self.item_cache_age = Gauge(
             "zenith_scorer_item_cache_age_seconds",
-            "Age of the shared room/author snapshot (bounded by 2 x item_refresh_s; older is not used)", registry=r)
+            "Age of the shared room/author snapshot (re-read every item_refresh_s; unused past 1 s)", registry=r)
         self.item_refresh_seconds = Histogram(
             "zenith_scorer_item_cache_refresh_seconds", "Time to re-read every cached room and author",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
