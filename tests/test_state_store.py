@@ -86,6 +86,29 @@ def test_as_of_reads_see_exactly_the_events_before_the_bucket_whatever_the_batch
         assert all(got.get(k, 0) <= upper.get(k, 0) + 1e-6 for k in upper)  # nothing from t on
 
 
+def test_the_scorer_s_item_read_equals_the_general_read(redis_client, redis_url) -> None:
+    """``read_items`` (one script call for many rooms and authors, the scorer's shared snapshot) gives the
+    rooms, room metadata and authors that ``read`` gives, at times inside and after the events."""
+    events = _events(400, seed=4, rooms=5)
+
+    async def run() -> None:
+        state = LiveState.from_url(redis_url, StateConfig(prefix="items:", log_bucket_ms=BUCKET_MS))
+        try:
+            await _apply_in_batches(state, events, [400], None)
+            await state.apply([state.start_room(events[0].ts_ms - 10, "r2", "ar2", "c9", "a title")])
+            rooms, authors = [f"r{i}" for i in range(6)], [f"ar{i}" for i in range(6)]  # r5/ar5: never seen
+            for t in (events[100].ts_ms, events[300].ts_ms + 1, events[-1].ts_ms + 5_000):
+                got_rooms, got_authors = await state.read_items(rooms, authors, t)
+                want = await state.read([AsOf("", r, a, t) for r, a in zip(rooms, authors, strict=True)])
+                assert [(s.room, s.room_meta) for s in got_rooms] == [(s.room, s.room_meta) for s in want]
+                assert got_authors == [s.author for s in want]
+                assert got_rooms[2].room_meta["category"] == "c9" and any(s.room for s in got_rooms)
+        finally:
+            await state.aclose()
+
+    asyncio.run(run())
+
+
 def test_a_redelivered_batch_changes_nothing_even_split_differently(redis_client, redis_url) -> None:
     events = _events(400, seed=2)
 
