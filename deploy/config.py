@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     scorer_max_body_bytes: int = 1 << 20  # larger request bodies -> 413
     scorer_poll_s: float = 0.5  # how often a scorer looks for a new (or pinned) model version
     scorer_threads: int | None = None  # torch CPU threads in a scorer (None: torch's default)
+    scorer_infer_threads: int = 2  # requests a scorer process scores at once (each forward on its own thread)
     scorer_forward: str = "torchscript"  # how a scorer runs its model: torchscript | eager (model/serving.py)
     scorer_item_refresh_s: float = 0.5  # a scorer re-reads its shared room/author snapshot this often
     scorer_workers: int = 1  # scorer processes sharing the port (SO_REUSEPORT); 1: one process, as ever

@@ -38,7 +38,7 @@ class ScorerConfig:
                     port=settings.scorer_port, max_candidates=settings.scorer_max_candidates,
                     max_body_bytes=settings.scorer_max_body_bytes, poll_s=settings.scorer_poll_s,
                     torch_threads=settings.scorer_threads, item_refresh_s=settings.scorer_item_refresh_s,
-                    forward=_forward_kind(settings.scorer_forward),
+                    forward=_forward_kind(settings.scorer_forward), infer_threads=settings.scorer_infer_threads,
                     workers=settings.scorer_workers, state=settings.state_config())
         base.update({k: v for k, v in overrides.items() if v is not None})
         return ScorerConfig(**base)
