@@ -4,13 +4,13 @@
 dense [B, n_dense]) -> logits [B, n_tasks]``:
 
 * ``ForwardKind.EAGER``: the model's own ``forward`` (the reference).
-* ``ForwardKind.TORCHSCRIPT``: the same forward traced, frozen (weights become constants) and optimised for
-  inference by TorchScript. It runs as one C++ call that releases the GIL, so the hundreds of small ops of a
-  ranking forward do not take turns with the event loop and with each other: two requests scored at once
-  really use two cores. Measured on the 2-core development machine, Zenith S, 500 candidates, 1 torch thread:
-  1.6-1.7x faster alone than the eager reference, and 1.65x the throughput of eager with two threads (see
-  the README's serving table). The first version of a configuration is traced (0.2-0.5 s); later versions
-  re-bind their weights into that trace and freeze it again (about 0.06 s), on the loader thread.
+* ``ForwardKind.TORCHSCRIPT``: the same forward traced by TorchScript. It runs as one C++ call that releases
+  the GIL, so the hundreds of small ops of a ranking forward do not take turns with the event loop and with
+  each other: two requests scored at once really use two cores. Measured on the 2-core development machine,
+  Zenith S, 500 candidates, 1 torch thread: 1.6-1.7x faster alone than the eager reference (most of it from
+  embedding the user's sequences once), and 1.7-1.9x the throughput of the same eager forward with two
+  threads (see the README's serving table). The first version of a configuration is traced (0.2-0.5 s); each version is
+  a copy of that trace holding its own weights (about 20 ms), built on the loader thread.
   TorchScript is deprecated upstream in favour of ``torch.compile``/``torch.export``; on this CPU
   ``torch.compile`` took 68 s to compile and recompiled on every new version's weights (17 s), ONNX Runtime was
   1.1x eager, and dynamic int8 quantisation of the linear layers was slower than fp32: TorchScript is what
@@ -24,6 +24,7 @@ check runs a second batch size to catch a shape baked in by mistake.
 
 from __future__ import annotations
 
+import copy
 import enum
 import time
 import warnings
@@ -85,15 +86,15 @@ def probe_inputs(model: Ranker, n: int, seed: int) -> tuple[torch.Tensor, torch.
 
 
 class ForwardBuilder:
-    """Builds each model version's ranking forward. Traces once per model configuration, then re-binds each
-    new version's weights into that trace (the graph is the same; only the tensors differ) and freezes it.
+    """Builds each model version's ranking forward. Traces once per model configuration, then gives each new
+    version a copy of that trace bound to its own weights (the graph is the same; only the tensors differ).
 
     Used by one thread (the scorer's loader); ``build`` verifies every result against eager on a probe batch.
     """
 
     def __init__(self, kind: ForwardKind = ForwardKind.TORCHSCRIPT, tolerance: float = 1e-4) -> None:
         self.kind, self.tolerance = kind, tolerance
-        self._template: torch.jit.ScriptModule | None = None  # traced, not frozen: its weights are re-bound
+        self._template: torch.jit.ScriptModule | None = None  # the trace each version's forward is copied from
         self._template_config: object = None
 
     def build(self, model: Ranker) -> RankingForward:
@@ -108,15 +109,16 @@ class ForwardBuilder:
                 if self._template is None or self._template_config != model.config:
                     self._template = torch.jit.trace(eager, probe_inputs(model, 16, seed=0), check_trace=False)
                     self._template_config = model.config
-                else:
-                    _rebind(self._template, eager)
-                fn = torch.jit.optimize_for_inference(torch.jit.freeze(self._template.eval()))
-                # TorchScript's executor profiles a graph's first call and optimises it on the second: done
-                # here, off the request path (else each version's first requests take ~3x as long), and
-                # the check below then runs the optimised graph that requests will run.
-                warm = probe_inputs(model, 64, seed=2)
-                for _ in range(WARMUP_CALLS):
-                    fn(*warm)
+                    # TorchScript's executor profiles a graph's first call and optimises it on the second
+                    # (~0.1 s); the optimised graph is shared by every copy below, so do it here, once.
+                    warm = probe_inputs(model, 64, seed=2)
+                    for _ in range(WARMUP_CALLS):
+                        self._template(*warm)
+                # A copy of the trace with this version's tensors (the copy's own tensors are replaced, the
+                # template and the versions being served are untouched): ~20 ms, where tracing afresh
+                # is 0.2-0.5 s and freezing 0.1 s of C++ that holds the GIL (it stalled requests).
+                fn = copy.deepcopy(self._template)
+                _rebind(fn, eager)
                 check = probe_inputs(model, 37, seed=1)
                 diff = float((fn(*check) - eager(*check)).abs().max())
             if not diff <= self.tolerance:  # also catches NaN
