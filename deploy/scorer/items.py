@@ -61,7 +61,6 @@ class ItemLookup:
     items: list[ItemSide]
     hits: int  # candidates whose room and author were both cached
     misses: int
-    age_s: float  # age of the cached snapshot used (0 when the request read everything itself)
 
 
 class ItemCache:
@@ -70,6 +69,8 @@ class ItemCache:
     ``start(open_state)`` runs the refresher thread (``open_state()`` gives it its own ``LiveState``);
     ``stop()`` ends it. ``state`` is the event loop's, for the misses a request reads itself.
     """
+
+    bound_ms = 1000.0  # a snapshot older than this is not used: requests read for themselves instead
 
     def __init__(self, state: LiveState, spec: FeatureSpec, refresh_s: float = 0.5, idle_s: float = 120.0,
                  on_refresh: Callable[[float], None] | None = None) -> None:
@@ -112,8 +113,6 @@ class ItemCache:
         finally:
             await state.aclose()
 
-    bound_ms = 1000.0  # a snapshot older than this is not used: requests read for themselves instead
-
     def age_s(self) -> float:
         return max(time.time() - self.current.as_of_ms / 1000, 0.0) if self.current.as_of_ms else float("nan")
 
@@ -147,8 +146,7 @@ class ItemCache:
             side = sides.get(key) or self._side(gen, *key)
             assert side is not None, "every candidate's room was read above"
             items.append(side)
-        return ItemLookup(items, hits=len(rooms) - misses if cached else 0, misses=misses if cached else len(rooms),
-                          age_s=self.age_s() if cached else 0.0)
+        return ItemLookup(items, hits=len(rooms) - misses if cached else 0, misses=misses if cached else len(rooms))
 
     async def _read_into(self, gen: _Generation, rooms: list[str], authors: list[str], as_of_ms: int,
                          state: LiveState | None = None) -> None:

@@ -10,18 +10,21 @@ Endpoints::
     GET  /v1/model  the served version: watermark, data age, how it was loaded, refused versions
     GET  /metrics   Prometheus text (``zenith_scorer_*``, ``zenith_freshness_*_to_served_seconds``)
 
-Per request: one pipelined ``LiveState.read`` (an ``AsOf`` per candidate, as of the request time), then
-``stream.features.assemble`` per candidate -- the very code the stream builds training samples with, so
-there is no train/serve skew -- then one batched forward pass under ``torch.inference_mode()``. Feature
-assembly and the forward pass run on one inference thread, so the event loop keeps accepting requests,
-answering health checks and awaiting Redis for the next request meanwhile.
+Per request: the user read from Redis (one pipelined round trip) while the candidates' rooms and authors come
+from the shared snapshot (``items.ItemCache``; rooms it has never seen are read meanwhile); then, on an
+inference thread, the user's part once and every candidate's features at once (``stream.features``: the
+code the stream builds training samples with, so there is no train/serve skew) and the version's ranking
+forward (``model.serving``: TorchScript, the user's sequences given once, run without the GIL). Two
+inference threads by default, so two requests score on two cores while the event loop keeps accepting
+requests, answering health checks and awaiting Redis.
 
 Hot swap: a watcher polls the registry (``poll_s``) for the pinned version, else the latest; it builds the
 new model off the request path (a loader thread: deltas applied to a deep copy of the served model, or a
-full load) and verifies it (checksums, shapes, spec, finite values). Then ``self.serving`` -- an immutable
-``Serving(version, model, manifest)`` -- is replaced by one attribute assignment. A request reads
-``self.serving`` once and finishes on that object, so requests in flight during a swap never see a mix. A
-corrupt version is refused, logged and counted once; the last good version keeps serving.
+full load), verifies it (checksums, shapes, spec, finite values) and builds its ranking forward (verified
+against the model). Then ``self.serving`` -- an immutable ``Serving(version, model, manifest, forward)`` --
+is replaced by one attribute assignment. A request reads ``self.serving`` once and finishes on that object,
+so requests in flight during a swap never see a mix. A corrupt version is refused, logged and counted
+once; the last good version keeps serving.
 """
 
 from __future__ import annotations
