@@ -1,7 +1,12 @@
 """The one feature-assembly path: (candidate context, state snapshot) -> feature record.
 
 The stream calls it to build training samples and the scorer calls it to build ranking requests, so what
-the model learns from and what it is served are computed by the same lines of code.
+the model learns from and what it is served are computed by the same lines of code. It comes in three
+parts: ``user_side`` (the user's ids, dense features, sequences and history index: once per request),
+``item_side`` (a room's and its author's part: the scorer keeps one per live room), and ``assemble_batch``
+(every candidate at once, column by column, with the user x candidate crosses). ``assemble_many`` (the
+stream: each impression with its own snapshot, a feed request's impressions grouped) and ``assemble`` (one
+row) are built on it.
 
 >>> from state.store import Snapshot
 >>> spec = default_live_spec()
