@@ -442,11 +442,6 @@ class LiveState:
                 author_counters.append(counters[as_of_ms])
         return room_snaps, author_counters
 
-    async def read_for_ranking(self, user: str, candidates: Sequence[tuple[str, str]], as_of_ms: int
-                               ) -> list[Snapshot]:
-        """``read`` for one user against many (room, author) candidates at one time (each key read once)."""
-        return await self.read([AsOf(user, room, author, as_of_ms) for room, author in candidates])
-
     async def _fill_categories(self, snaps: list[Snapshot], known: Mapping[str, str]) -> None:
         """History rooms' categories, looked up at read time in one more round trip. (Resolving them when
         the engagement is written would depend on whether the room's start event was processed first.)"""

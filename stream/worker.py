@@ -25,7 +25,6 @@ epoch there, so a worker that lost a partition cannot overwrite its new owner's 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ from state.store import LiveState, Position
 from stream import metrics
 from stream.config import StreamConfig
 from stream.events import MalformedEvent, RejectCode, decode_event
+from stream.gc_tuning import tune_gc
 from stream.join import LabelJoiner
 from stream.join_store import JoinStore
 from stream.processor import Input, StreamProcessor, Watermark
@@ -45,21 +45,8 @@ from stream.sink import Delivery, Record, RecordSink
 
 log = logging.getLogger("zenith.stream")
 
-
-def tune_gc() -> None:
-    """For a long-running process that allocates fast (the stream worker, a scorer), once start-up is done.
-
-    Such a process holds hundreds of thousands of long-lived objects (torch, Faust, caches); the cyclic GC
-    rescans them all on every full collection: a third of the stream's per-event time, and 200 ms pauses
-    in the scorer (its p99). Freeze what start-up made, and collect the young generation less often.
-    """
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 MAX_REASON_CHARS = 1024
 DEAD_LETTER_COPY_BYTES = 4096  # what an oversized record's dead letter keeps of it
-GC_THRESHOLDS = (50_000, 20, 100)
 ERROR_LOG_EVERY_S = 10.0  # the same consumer error is logged at most this often
 
 

@@ -17,7 +17,7 @@ import redis
 from deploy.config import Settings
 from deploy.infra import free_port
 from deploy.infra.redis import LocalRedis
-from state.store import LiveState, RedisAuth
+from state.store import AsOf, LiveState, RedisAuth
 from stream.events import Impression
 from stream.kafka_security import KafkaSecurity, SaslMechanism, SecurityProtocol
 from stream.producer import EventProducer
@@ -136,8 +136,7 @@ def test_the_stack_works_through_redis_requirepass(protected_redis: LocalRedis, 
         state = LiveState.from_url(url, settings.state_config())
         try:
             first = next(e for e in events if isinstance(e, Impression))
-            snaps = await state.read_for_ranking(first.user_id, [(first.room_id, first.author_id)],
-                                                 int(time.time() * 1000))
+            snaps = await state.read([AsOf(first.user_id, first.room_id, first.author_id, int(time.time() * 1000))])
             return int(snaps[0].user.get("impressions", 0))
         finally:
             await state.aclose()

@@ -79,20 +79,33 @@ async def _seed(redis_url: str, now_ms: int, seed: int = 0) -> None:
         await state.aclose()
 
 
-def _stage_sums(metrics_text: str) -> dict[str, tuple[float, float]]:
-    """stage -> (sum seconds, count) from the scorer's /metrics; also "cache_hit"/"cache_miss" -> (count, 0)."""
-    out: dict[str, list[float]] = {}
-    for m in re.finditer(r'^zenith_scorer_stage_seconds_(sum|count)\{stage="(\w+)"\} ([0-9.e+-]+)$', metrics_text,
-                         re.MULTILINE):
-        kind, stage, value = m.groups()
-        out.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
-    for m in re.finditer(r'^zenith_scorer_item_cache_lookups_total\{result="(\w+)"\} ([0-9.e+-]+)$', metrics_text,
-                         re.MULTILINE):
-        out[f"cache_{m.group(1)}"] = [float(m.group(2)), 0.0]
-    for m in re.finditer(r'^zenith_scorer_request_seconds_bucket\{le="([0-9.e+inf-]+)"\} ([0-9.e+-]+)$', metrics_text,
-                         re.MULTILINE):
-        out[f"le_{m.group(1)}"] = [float(m.group(2)), 0.0]
-    return {k: (v[0], v[1]) for k, v in out.items()}
+STAGES = ("read", "user", "assemble", "forward")
+
+
+def _scorer_series(metrics_text: str) -> dict[str, float]:
+    """Every ``zenith_scorer_*`` series of a /metrics page, by its name with labels (as printed)."""
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r"^(zenith_scorer_\S+) ([0-9.e+-]+)$", metrics_text, re.MULTILINE)}
+
+
+def _scorer_view(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the scorer saw between two scrapes: stage means, cache hit rate, its own p50/p99 (histogram
+    buckets' upper bounds: what the client adds is queueing and HTTP)."""
+    def delta(series: str) -> float:
+        return after.get(series, 0.0) - before.get(series, 0.0)
+
+    stages = {}
+    for stage in STAGES:
+        n = delta(f'zenith_scorer_stage_seconds_count{{stage="{stage}"}}')
+        stages[stage] = 1e3 * delta(f'zenith_scorer_stage_seconds_sum{{stage="{stage}"}}') / n if n else float("nan")
+    hits, misses = (delta(f'zenith_scorer_item_cache_lookups_total{{result="{r}"}}') for r in ("hit", "miss"))
+    prefix = 'zenith_scorer_request_seconds_bucket{le="'
+    buckets = sorted((float(k[len(prefix):-2]), delta(k)) for k in after if k.startswith(prefix))
+    total = buckets[-1][1] if buckets else 0.0
+    server = {f"server_p{int(q * 100)}_le_ms": 1e3 * next(le for le, c in buckets if c >= q * total) if total
+              else float("nan") for q in (0.5, 0.99)}
+    return {"stage_mean_ms": stages, "cache_hit_rate": hits / (hits + misses) if hits + misses else float("nan"),
+            **server}
 
 
 async def _load(base: str, n: int, requests: int, max_s: float, concurrency: int, seed: int) -> dict[str, Any]:
@@ -115,7 +128,7 @@ async def _load(base: str, n: int, requests: int, max_s: float, concurrency: int
     issued = 0
     deadline = time.perf_counter() + max_s
     async with aiohttp.ClientSession(headers={"Content-Type": "application/json"}) as session:
-        before = _stage_sums(await (await session.get(f"{base}/metrics")).text())
+        before = _scorer_series(await (await session.get(f"{base}/metrics")).text())
 
         async def worker() -> None:
             nonlocal issued
@@ -138,25 +151,12 @@ async def _load(base: str, n: int, requests: int, max_s: float, concurrency: int
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-        after = _stage_sums(await (await session.get(f"{base}/metrics")).text())
-    stages = {}
-    for stage, (s1, c1) in after.items():
-        s0, c0 = before.get(stage, (0.0, 0.0))
-        if not stage.startswith(("cache_", "le_")):
-            stages[stage] = 1e3 * (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan")
-    hits, misses = (after.get(k, (0.0, 0.0))[0] - before.get(k, (0.0, 0.0))[0] for k in ("cache_hit", "cache_miss"))
-    # The scorer's own view (parse to response, from its histogram): what the client adds is queueing and HTTP.
-    buckets = sorted((float(k[3:]), after[k][0] - before.get(k, (0.0, 0.0))[0]) for k in after if k.startswith("le_"))
-    server = {f"server_p{int(q * 100)}_le_ms": 1e3 * next((le for le, c in buckets if c >= q * buckets[-1][1]),
-                                                         float("nan")) if buckets and buckets[-1][1] else float("nan")
-              for q in (0.5, 0.99)}
-    cache_hit_rate = hits / (hits + misses) if hits + misses else float("nan")
+        after = _scorer_series(await (await session.get(f"{base}/metrics")).text())
     return {"requests": len(latencies), "errors": errors, "wall_s": wall,
             "p50_ms": 1e3 * _pct(latencies, 0.5), "p99_ms": 1e3 * _pct(latencies, 0.99),
             "mean_ms": 1e3 * statistics.fmean(latencies) if latencies else float("nan"),
             "req_per_s": len(latencies) / wall if wall > 0 else float("nan"),
-            "versions_seen": sorted(set(versions)), "stage_mean_ms": stages, "cache_hit_rate": cache_hit_rate,
-            **server}
+            "versions_seen": sorted(set(versions)), **_scorer_view(before, after)}
 
 
 async def _healthz(base: str, requests: int, concurrency: int) -> dict[str, Any]:
@@ -378,7 +378,7 @@ def print_table(result: dict[str, Any]) -> None:
                       f"{r['p99_ms']:.1f}", f"{r['req_per_s']:.1f}", f"{n * r['req_per_s']:,.0f}",
                       f"{r['p50_ms'] / ref['p50_ms']:.2f}x", f"{r['p99_ms'] / ref['p50_ms']:.2f}x", served,
                       f"{r.get('cache_hit_rate', float('nan')):.1%}",
-                      " / ".join(f"{st.get(k, float('nan')):.1f}" for k in ("read", "user", "assemble", "forward")),
+                      " / ".join(f"{st.get(k, float('nan')):.1f}" for k in STAGES),
                       f"{st.get('user', float('nan')) / r['mean_ms']:.1%}")
     Console(width=230).print(t)
 

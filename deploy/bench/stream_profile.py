@@ -60,7 +60,7 @@ def owner(func: tuple[str, int, str]) -> str | None:
     if f.endswith("stream/features.py"):
         return "features"
     if f.endswith("state/store.py"):
-        return "state reads" if name in ("read", "read_for_ranking", "_fill_categories", "_as_of",
+        return "state reads" if name in ("read", "read_items", "_fill_categories", "_as_of",
                                          "_history_item") else "state writes"
     if f.endswith("stream/processor.py"):
         if name in ("state_write", "apply_state"):

@@ -66,7 +66,7 @@ from model.serving import ForwardBuilder, RankingForward
 from model.spec import FeatureSpec
 from state.store import AsOf, LiveState, Snapshot
 from stream.features import ItemSide, RequestContext, assemble_batch, default_live_spec, user_side
-from stream.worker import tune_gc
+from stream.gc_tuning import tune_gc
 
 from .config import ScorerConfig
 from .items import ItemCache
